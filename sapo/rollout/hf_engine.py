@@ -1,0 +1,103 @@
+"""Reference engine: HF ``model.generate`` with the raw logits kept to compute sampler log-probs.
+
+It is the baseline the torch engine is tested and benchmarked against, and the engine for multimodal
+prompts (Qwen3-VL): ``extra_inputs[i]`` holds row i's ``pixel_values``, ``image_grid_thw`` (stacked over
+rows along dim 0) and ``mm_token_type_ids`` (one id per prompt token, left-padded like the prompt).
+
+``generate`` has no generator argument, so a seed is drawn from ``generator`` and the global RNG is set
+to it inside a forked RNG state: same generator state, same completions; the caller's global RNG is
+left untouched.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sapo.rollout.base import RolloutBatch, check_generate_args
+
+# Extra inputs with one entry per prompt token: left-padded with 0 like the prompt.
+TOKEN_ALIGNED_INPUTS = ("mm_token_type_ids", "token_type_ids")
+
+
+def collate_extra_inputs(extra_inputs: list[dict], prompt_lengths: list[int], device) -> dict:
+    """Merge per-row extra inputs: token-aligned ones are left-padded to [B, P], others concatenated on dim 0."""
+    prompt_len = max(prompt_lengths)
+    keys = sorted({key for row in extra_inputs for key in row})
+    merged = {}
+    for key in keys:
+        if key in TOKEN_ALIGNED_INPUTS:
+            padded = torch.zeros((len(extra_inputs), prompt_len), dtype=torch.long)  # [B, P]
+            for i, (row, length) in enumerate(zip(extra_inputs, prompt_lengths)):
+                if key in row:
+                    values = torch.as_tensor(row[key]).reshape(-1)
+                    if values.numel() != length:
+                        raise ValueError(f"extra_inputs[{i}][{key!r}] has {values.numel()} ids, prompt has {length}")
+                    padded[i, prompt_len - length :] = values
+            merged[key] = padded.to(device)
+        else:
+            merged[key] = torch.cat([torch.as_tensor(row[key]) for row in extra_inputs if key in row]).to(device)
+    return merged
+
+
+class HFEngine:
+    """Sampling through ``model.generate`` (left-padded batch, cache, HF logits processors)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        *,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        eos_token_ids: list[int],
+        pad_token_id: int,
+        greedy: bool = False,
+        generator: torch.Generator | None = None,
+        extra_inputs: list[dict] | None = None,
+    ) -> RolloutBatch:
+        check_generate_args(prompt_ids, max_new_tokens, temperature, top_p, top_k, eos_token_ids, extra_inputs)
+        device = next(self.model.parameters()).device
+        batch, prompt_len = len(prompt_ids), max(len(p) for p in prompt_ids)
+        input_ids = torch.full((batch, prompt_len), pad_token_id, dtype=torch.long)  # [B, P]
+        attention_mask = torch.zeros((batch, prompt_len), dtype=torch.long)  # [B, P]
+        for i, prompt in enumerate(prompt_ids):
+            input_ids[i, prompt_len - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+            attention_mask[i, prompt_len - len(prompt) :] = 1
+        inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
+        if extra_inputs is not None and any(extra_inputs):
+            inputs.update(collate_extra_inputs(extra_inputs, [len(p) for p in prompt_ids], device))
+        if greedy:
+            sampling = {"do_sample": False}
+        else:
+            sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k, "top_p": top_p}
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator).item()) if generator is not None else None
+
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode(), torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                if seed is not None:
+                    torch.manual_seed(seed)
+                out = self.model.generate(
+                    **inputs, **sampling, max_new_tokens=max_new_tokens, min_new_tokens=0,
+                    eos_token_id=list(eos_token_ids), pad_token_id=pad_token_id,
+                    output_logits=True, return_dict_in_generate=True,
+                )
+        finally:
+            self.model.train(was_training)
+        new_tokens = out.sequences[:, prompt_len:]  # [B, N]
+        logits = torch.stack(out.logits, dim=1).float() / temperature  # [B, N, V], raw logits
+        logprobs = torch.log_softmax(logits, dim=-1).gather(-1, new_tokens[..., None]).squeeze(-1)  # [B, N]
+        eos = set(eos_token_ids)
+        completions, completion_logprobs, truncated = [], [], []
+        for tokens, logps in zip(new_tokens.tolist(), logprobs.tolist()):
+            end = next((t + 1 for t, token in enumerate(tokens) if token in eos), None)
+            truncated.append(end is None)
+            end = len(tokens) if end is None else end
+            completions.append(tokens[:end])
+            completion_logprobs.append(logps[:end])
+        return RolloutBatch([list(p) for p in prompt_ids], completions, completion_logprobs, truncated)

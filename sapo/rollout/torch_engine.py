@@ -1,0 +1,177 @@
+"""Our PyTorch generation engine over any HF causal LM (Qwen3, Qwen3-MoE, Llama/SmolLM2).
+
+One batched prefill over left-padded prompts (position ids counted over real tokens), then one forward
+per new token through a KV cache. Rows that produce an EOS token leave the batch: their KV-cache rows,
+attention-mask rows and positions are dropped, so later steps only compute on live rows.
+
+KV cache: ``cache="static"`` (default) preallocates [B, H, P + max_new_tokens, D] per layer and writes
+each step in place; ``cache="dynamic"`` uses HF's ``DynamicCache``, which concatenates (copies the
+whole cache) every step. Models with sliding-window or linear-attention layers always use the dynamic one.
+
+Multimodal prompts (Qwen3-VL ``pixel_values`` ...) are not supported here: Qwen3-VL keeps 3-D mrope
+``rope_deltas`` inside the model between prefill and decode, per batch row, and dropping rows would
+desynchronise them. Use ``make_engine("hf", model)`` for those prompts.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from sapo.rollout.base import RolloutBatch, check_generate_args
+from sapo.rollout.sampling import sample_tokens
+
+
+class PreallocatedLayer(DynamicLayer):
+    """A KV-cache layer with a fixed-size buffer [B, H, max_len, D]; ``update`` writes in place.
+
+    Subclasses HF's ``DynamicLayer`` so masks and bookkeeping work unchanged; only storage differs.
+    """
+
+    def __init__(self, max_len: int):
+        super().__init__()
+        self.max_len = max_len
+        self.length = 0
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            batch, heads, _, head_dim = key_states.shape
+            shape = (batch, heads, self.max_len, head_dim)
+            self.device = key_states.device
+            self.keys = key_states.new_zeros(shape)  # [B, H, L, D]
+            self.values = value_states.new_zeros(shape[:3] + value_states.shape[-1:])
+            self.is_initialized = True
+        end = self.length + key_states.shape[-2]
+        self.keys[:, :, self.length : end] = key_states
+        self.values[:, :, self.length : end] = value_states
+        self.length = end
+        return self.keys[:, :, :end], self.values[:, :, :end]
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        if self.is_initialized:
+            self.keys = self.keys[indices]
+            self.values = self.values[indices]
+
+
+def _make_cache(model: torch.nn.Module, max_len: int, kind: str) -> DynamicCache:
+    cache = DynamicCache(config=model.config)
+    if kind == "static" and all(type(layer) is DynamicLayer for layer in cache.layers) and cache.layers:
+        cache.layers = [PreallocatedLayer(max_len) for _ in cache.layers]
+    return cache
+
+
+def _select_rows(cache: DynamicCache, rows: torch.Tensor) -> None:
+    for layer in cache.layers:
+        layer.batch_select_indices(rows)
+
+
+class TorchEngine:
+    """Batched sampling with a KV cache; finished rows leave the batch.
+
+    ``compile=True`` wraps the decode forward in ``torch.compile`` (GPU; the first call is slow).
+    """
+
+    def __init__(self, model: torch.nn.Module, *, cache: str = "static", compile: bool = False):
+        if cache not in ("static", "dynamic"):
+            raise ValueError(f"cache must be 'static' or 'dynamic', got {cache!r}")
+        self.model = model
+        self.cache_kind = cache
+        self._forward = torch.compile(model, dynamic=True) if compile else model
+
+    def generate(
+        self,
+        prompt_ids: list[list[int]],
+        *,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        eos_token_ids: list[int],
+        pad_token_id: int,
+        greedy: bool = False,
+        generator: torch.Generator | None = None,
+        extra_inputs: list[dict] | None = None,
+    ) -> RolloutBatch:
+        check_generate_args(prompt_ids, max_new_tokens, temperature, top_p, top_k, eos_token_ids, extra_inputs)
+        if extra_inputs is not None and any(extra_inputs):
+            raise NotImplementedError(
+                "the 'torch' engine takes text prompts only (Qwen3-VL keeps per-row mrope rope_deltas in the "
+                "model, which dropping finished rows would break); use make_engine('hf', model) for "
+                "multimodal prompts"
+            )
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.inference_mode():
+                tokens, logprobs, lengths, hit_eos = self._decode(
+                    prompt_ids, max_new_tokens, temperature, top_p, top_k, eos_token_ids, pad_token_id,
+                    greedy, generator,
+                )
+        finally:
+            self.model.train(was_training)
+        tokens, logprobs = tokens.tolist(), logprobs.tolist()
+        lengths, hit_eos = lengths.tolist(), hit_eos.tolist()
+        return RolloutBatch(
+            prompt_ids=[list(p) for p in prompt_ids],
+            completion_ids=[row[:n] for row, n in zip(tokens, lengths)],
+            sampler_logprobs=[row[:n] for row, n in zip(logprobs, lengths)],
+            truncated=[not eos for eos in hit_eos],
+        )
+
+    def _decode(self, prompt_ids, max_new_tokens, temperature, top_p, top_k, eos_token_ids, pad_token_id,
+                greedy, generator):
+        device = next(self.model.parameters()).device
+        batch, prompt_len = len(prompt_ids), max(len(p) for p in prompt_ids)
+        total_len = prompt_len + max_new_tokens
+        input_ids = torch.full((batch, prompt_len), pad_token_id, dtype=torch.long)  # [B, P]
+        attention_mask = torch.zeros((batch, total_len), dtype=torch.long)  # [B, P+N], grows by a column
+        for i, prompt in enumerate(prompt_ids):
+            input_ids[i, prompt_len - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+            attention_mask[i, prompt_len - len(prompt) : prompt_len] = 1
+        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
+        position_ids = (attention_mask[:, :prompt_len].cumsum(-1) - 1).clamp(min=0)  # [B, P]
+        eos = torch.tensor(eos_token_ids, dtype=torch.long, device=device)
+
+        out_tokens = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+        out_logprobs = torch.zeros((batch, max_new_tokens), dtype=torch.float32, device=device)
+        lengths = torch.full((batch,), max_new_tokens, dtype=torch.long, device=device)
+        hit_eos = torch.zeros(batch, dtype=torch.bool, device=device)
+        rows = torch.arange(batch, device=device)  # output row of each live batch row
+
+        cache = _make_cache(self.model, total_len, self.cache_kind)
+        logits = self.model(
+            input_ids=input_ids, attention_mask=attention_mask[:, :prompt_len], position_ids=position_ids,
+            past_key_values=cache, use_cache=True, logits_to_keep=1,
+        ).logits[:, -1]  # [B, V]
+        next_position = position_ids[:, -1] + 1  # [B]
+        for step in range(max_new_tokens):
+            token, logprob = sample_tokens(
+                logits, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, generator=generator
+            )  # [b], [b]
+            out_tokens[rows, step] = token
+            out_logprobs[rows, step] = logprob
+            finished = torch.isin(token, eos)  # [b]
+            if finished.any():  # one host sync per step; it decides whether the batch shrinks
+                done_rows = rows[finished]
+                lengths[done_rows] = step + 1
+                hit_eos[done_rows] = True
+                keep = (~finished).nonzero().squeeze(1)  # [b']
+                if keep.numel() == 0:
+                    break
+                rows, token, next_position = rows[keep], token[keep], next_position[keep]
+                attention_mask = attention_mask[keep]
+                _select_rows(cache, keep)
+            if step == max_new_tokens - 1:
+                break
+            width = prompt_len + step + 1
+            attention_mask[:, width - 1] = 1
+            logits = self._forward(
+                input_ids=token[:, None], attention_mask=attention_mask[:, :width],
+                position_ids=next_position[:, None], past_key_values=cache, use_cache=True,
+            ).logits[:, -1]  # [b, V]
+            next_position = next_position + 1
+        return out_tokens.cpu(), out_logprobs.cpu(), lengths.cpu(), hit_eos.cpu()
