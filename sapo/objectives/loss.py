@@ -1,0 +1,133 @@
+"""policy_loss: the one entry point of the objectives layer.
+
+    loss = sum_{i,t} weight_{i,t} * tw_{i,t} * l_{i,t}  +  beta * sum_{i,t} weight_{i,t} * KL_{i,t}
+with l the shaped per-token loss (shaping.py) of the chosen ratio (ratios.py), weight the aggregation
+weights (aggregation.py) and tw optional detached token_weights. A sequence-ratio objective (GSPO) has one
+loss per sequence instead, averaged over sequences without length weighting.
+
+Masked positions are replaced (torch.where) before any arithmetic, so NaN/inf there never reach the
+loss or the gradients.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sapo.objectives.aggregation import Count, aggregation_weights, sequence_weights
+from sapo.objectives.kl import token_kl
+from sapo.objectives.metrics import policy_metrics
+from sapo.objectives.presets import LossSpec, resolve
+from sapo.objectives.ratios import sequence_log_ratio, sequence_token_ratio, token_log_ratio
+from sapo.objectives.shaping import SHAPINGS
+
+
+def _token_advantages(advantages: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Advantages as a float32 [B, T] tensor: [B] per sequence is broadcast over tokens."""
+    advantages = advantages.detach().float()
+    if advantages.dim() == 1:
+        advantages = advantages.unsqueeze(-1)  # [B, 1]
+    return advantages.expand(shape)  # [B, T]
+
+
+def token_loss(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, spec: LossSpec
+) -> torch.Tensor:
+    """Per-token un-aggregated loss of a token-ratio objective, float32, same shape as `logprobs`.
+
+    sapo: -f(r) A; clip: -min(r A, clip(r) A); cispo: -sg[min(r, cap)] A logp; none: -r A.
+    `advantages` is [..., T] (already broadcast) or [B] for [B, T] inputs. Differentiable in `logprobs`.
+    There is no mask here: pass finite values (policy_loss sanitises masked positions first).
+    The policy loss is (token_loss * aggregation_weights(mask, spec)).sum().
+    """
+    if not spec.token_level:
+        raise ValueError(
+            f"token_loss covers ratio_level='token' objectives; {spec.loss_type!r} uses "
+            f"ratio_level={spec.ratio_level!r}, which needs the mask: use policy_loss"
+        )
+    advantages = _token_advantages(advantages, logprobs.shape)
+    ratio = torch.exp(token_log_ratio(logprobs, old_logprobs, spec.log_ratio_clamp))
+    return SHAPINGS[spec.shaping](ratio, advantages, logprobs.float(), spec)
+
+
+def _check_shapes(logprobs, old_logprobs, advantages, mask, ref_logprobs, token_weights) -> None:
+    if logprobs.dim() != 2:
+        raise ValueError(f"logprobs must be [B, T], got shape {tuple(logprobs.shape)}")
+    for name, tensor in (("old_logprobs", old_logprobs), ("mask", mask), ("ref_logprobs", ref_logprobs),
+                         ("token_weights", token_weights)):
+        if tensor is not None and tensor.shape != logprobs.shape:
+            raise ValueError(f"{name} must have the shape of logprobs {tuple(logprobs.shape)}, got {tuple(tensor.shape)}")
+    if advantages.shape not in (logprobs.shape[:1], logprobs.shape):
+        raise ValueError(
+            f"advantages must be [B] (per sequence) or [B, T] (per token) with B, T = {tuple(logprobs.shape)}, "
+            f"got {tuple(advantages.shape)}"
+        )
+
+
+def policy_loss(
+    logprobs: torch.Tensor,  # [B, T] current policy, gradient flows
+    old_logprobs: torch.Tensor,  # [B, T] behaviour policy
+    advantages: torch.Tensor,  # [B] or [B, T]
+    mask: torch.Tensor,  # [B, T] bool or float, 1 for completion tokens
+    loss_type: str = "sapo",
+    *,
+    ref_logprobs: torch.Tensor | None = None,  # [B, T], needed when beta > 0
+    token_weights: torch.Tensor | None = None,  # [B, T] detached per-token multipliers (e.g. truncated IS)
+    num_sequences: Count = None,  # global rows B the loss averages over (default: this batch)
+    num_tokens: Count = None,  # global unmasked tokens for token_mean (default: this batch)
+    with_metrics: bool = True,  # False skips the diagnostics and returns {}
+    **options,
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """Scalar float32 loss (to minimise) and a dict of float metrics. See docs/objectives.md."""
+    spec = resolve(loss_type, **options)
+    _check_shapes(logprobs, old_logprobs, advantages, mask, ref_logprobs, token_weights)
+    if spec.beta > 0 and ref_logprobs is None:
+        raise ValueError(f"beta={spec.beta} > 0 needs ref_logprobs ([B, T] reference-model log-probs)")
+    if token_weights is not None and spec.ratio_level == "sequence":
+        raise ValueError("token_weights multiply per-token losses: use ratio_level 'token' or 'sequence_token'")
+
+    token_mask = mask.bool()  # [B, T]
+    # Sanitise masked slots first: NaN * 0 would be NaN, torch.where is not (and its gradient there is 0).
+    logp = torch.where(token_mask, logprobs.float(), 0.0)  # [B, T]
+    old_logp = torch.where(token_mask, old_logprobs.detach().float(), 0.0)  # [B, T]
+    token_adv = torch.where(token_mask, _token_advantages(advantages, logp.shape), 0.0)  # [B, T]
+    log_ratio = token_log_ratio(logp, old_logp, spec.log_ratio_clamp)  # [B, T], 0 where masked
+    shape_fn = SHAPINGS[spec.shaping]
+
+    if spec.ratio_level == "sequence":
+        if advantages.dim() != 1:
+            raise ValueError(
+                "ratio_level='sequence' (gspo) needs per-sequence advantages of shape [B]; for per-token "
+                "advantages use loss_type='gspo_token' (ratio_level='sequence_token')"
+            )
+        seq_log_ratio = sequence_log_ratio(log_ratio, token_mask)  # [B]
+        seq_ratio = torch.exp(seq_log_ratio)  # s_i, GSPO eq. 7
+        seq_adv = torch.where(token_mask.any(-1), advantages.detach().float(), 0.0)  # [B]
+        seq_loss = shape_fn(seq_ratio, seq_adv, seq_log_ratio, spec)  # [B]
+        policy = (seq_loss * sequence_weights(token_mask, num_sequences=num_sequences)).sum()
+        ratio = seq_ratio.unsqueeze(-1).expand(logp.shape)  # [B, T], for the metrics
+        weights = None
+    else:
+        if spec.ratio_level == "token":
+            ratio = torch.exp(log_ratio)  # r_{i,t}
+        else:  # sequence_token, GSPO eq. 13
+            ratio = sequence_token_ratio(logp, sequence_log_ratio(log_ratio, token_mask))
+        per_token = shape_fn(ratio, token_adv, logp, spec)  # [B, T]
+        if token_weights is not None:
+            per_token = per_token * torch.where(token_mask, token_weights.detach().float(), 0.0)
+        weights = aggregation_weights(token_mask, spec, num_sequences=num_sequences, num_tokens=num_tokens)
+        policy = (per_token * weights).sum()
+
+    loss = policy
+    kl_term = per_token_kl = None
+    if spec.beta > 0:
+        ref_logp = torch.where(token_mask, ref_logprobs.detach().float(), 0.0)  # [B, T]
+        per_token_kl = token_kl(logp, ref_logp, spec.kl_estimator, spec.log_ratio_clamp)  # 0 where masked
+        if weights is None:  # sequence ratio: KL as a token mean per sequence, mean over sequences
+            weights = aggregation_weights(token_mask, spec, num_sequences=num_sequences)
+        kl_term = spec.beta * (per_token_kl * weights).sum()
+        loss = policy + kl_term
+
+    if not with_metrics:
+        return loss, {}
+    metrics = policy_metrics(spec, token_mask, log_ratio, ratio, token_adv, policy, loss, kl_term, per_token_kl)
+    return loss, metrics
