@@ -1,0 +1,261 @@
+"""Log-probs (and entropy) of the sampled tokens from last hidden states and the lm_head weight, chunked.
+
+The plain path `log_softmax(hidden @ weight.T / T).gather(labels)` materialises N x V logits
+(16k tokens x 152k vocabulary = 10 GB in float32). Here the rows are processed in chunks: the forward
+keeps only the log-sum-exp per row, and the backward recomputes each chunk's logits, so at most one
+chunk of logits is alive at a time. All softmax math is float32 whatever the input dtype.
+
+With z = (hidden @ weight.T + bias) / T, p = softmax(z), lse = logsumexp(z):
+    logp_n      = z[n, y_n] - lse_n
+    entropy_n   = -sum_v p_v log p_v = lse_n - sum_v p_v z_v
+    d logp_n / d z_n     = onehot(y_n) - p_n
+    d entropy_n / d z_n  = -p_n * (log p_n + entropy_n)
+    d / d logits = (d / d z) / T;   d hidden = dlogits @ weight;   d weight = dlogits^T @ hidden
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+BACKENDS = ("auto", "torch", "triton")
+
+# Bytes of float32 logits one chunk may hold when chunk_size is not given.
+CPU_CHUNK_BYTES = 256 * 2**20
+CUDA_CHUNK_BYTES = 1024 * 2**20
+
+
+@dataclass(frozen=True)
+class ChunkKernels:
+    """The two per-chunk computations a backend provides (torch here, Triton in triton_logprobs.py).
+
+    stats(hidden_c, weight, bias, labels_c, inv_temperature, with_entropy, keep_logits)
+        -> (logp [n] f32, lse [n] f32, entropy [n] f32 | None, z [n, V] f32 if keep_logits else None).
+    dlogits(hidden_c, weight, bias, labels_c, lse, grad_logp, grad_entropy, entropy, inv_temperature, logits)
+        -> dL/dlogits [n, V] in `matmul_dtype(weight)`; recomputes z unless `logits` (z of this chunk) is given,
+        which it may overwrite.
+    prepare(weight, bias) -> (weight, bias) as the kernels want them (the torch path upcasts to float32).
+    """
+
+    name: str
+    prepare: Callable
+    stats: Callable
+    dlogits: Callable
+
+
+# ----------------------------------------------------------------------------------------------------------
+# torch backend (the CPU default, and the CUDA fallback without triton)
+
+
+def _torch_prepare(weight: torch.Tensor, bias: torch.Tensor | None):
+    # float32 logits from bf16 weights: upcast once per call (V x d x 4 bytes), not per chunk.
+    return weight.float(), None if bias is None else bias.float()
+
+
+def _torch_logits(hidden_c, weight, bias, inv_temperature) -> torch.Tensor:
+    logits = hidden_c.float() @ weight.T  # [n, V] float32
+    if bias is not None:
+        logits += bias
+    if inv_temperature != 1.0:
+        logits *= inv_temperature
+    return logits  # z = logits / T
+
+
+def _torch_stats(hidden_c, weight, bias, labels_c, inv_temperature, with_entropy, keep_logits=False):
+    z = _torch_logits(hidden_c, weight, bias, inv_temperature)  # [n, V]
+    lse = torch.logsumexp(z, dim=-1)  # [n]
+    logp = z.gather(1, labels_c[:, None]).squeeze(1) - lse  # [n]
+    entropy = None
+    if with_entropy:
+        p = (z - lse[:, None]).exp_()  # [n, V]
+        entropy = lse - p.mul_(z).sum(-1)  # [n]   H = lse - E_p[z]
+        del p
+    return logp, lse, entropy, z if keep_logits else None
+
+
+def _torch_dlogits(
+    hidden_c, weight, bias, labels_c, lse, grad_logp, grad_entropy, entropy, inv_temperature, logits=None
+):
+    z = _torch_logits(hidden_c, weight, bias, inv_temperature) if logits is None else logits  # [n, V]
+    log_p = z.sub_(lse[:, None])  # [n, V] in place: log softmax
+    p = torch.exp(log_p)  # [n, V]
+    rows = torch.arange(z.shape[0], device=z.device)
+    if grad_entropy is not None:
+        # ge * dH/dz = -ge * p * (log p + H), then the logp term -g * p
+        dz = log_p.add_(entropy[:, None]).mul_(p).mul_(-grad_entropy[:, None])
+        if grad_logp is not None:
+            dz.addcmul_(p, grad_logp[:, None], value=-1.0)
+        del p
+    else:
+        del log_p
+        dz = p.mul_(-grad_logp[:, None])  # -g * p
+    if grad_logp is not None:
+        dz[rows, labels_c] += grad_logp  # + g * onehot
+    if inv_temperature != 1.0:
+        dz *= inv_temperature  # dz/dlogits = 1/T
+    return dz
+
+
+TORCH_KERNELS = ChunkKernels("torch", _torch_prepare, _torch_stats, _torch_dlogits)
+
+
+def select_kernels(device: torch.device, backend: str = "auto") -> ChunkKernels:
+    """Triton when the tensors are on CUDA and triton imports (or when asked for), plain PyTorch otherwise."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend={backend!r} is not allowed; allowed: {', '.join(BACKENDS)}")
+    if backend == "torch":
+        return TORCH_KERNELS
+    if backend == "auto" and device.type != "cuda":
+        return TORCH_KERNELS
+    try:
+        from sapo.ops import triton_logprobs
+    except ImportError:
+        if backend == "triton":
+            raise ImportError("backend='triton' needs the triton package: pip install triton") from None
+        return TORCH_KERNELS
+    return triton_logprobs.TRITON_KERNELS
+
+
+# ----------------------------------------------------------------------------------------------------------
+# shared helpers
+
+
+def check_inputs(hidden, weight, labels, bias) -> None:
+    if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
+        raise ValueError(
+            f"expected hidden [N, d] and weight [V, d] with the same d, got {tuple(hidden.shape)} and "
+            f"{tuple(weight.shape)}; flatten [B, T, d] hidden states with hidden.reshape(-1, d)"
+        )
+    if labels.shape != hidden.shape[:1] or labels.dtype != torch.long:
+        raise ValueError(
+            f"labels must be a long tensor of shape [N] = [{hidden.shape[0]}], got {labels.dtype} "
+            f"{tuple(labels.shape)}"
+        )
+    if hidden.dtype not in (torch.float32, torch.bfloat16, torch.float16) or weight.dtype != hidden.dtype:
+        raise ValueError(
+            f"hidden and weight must share one of float32, bfloat16, float16; got {hidden.dtype} and {weight.dtype}"
+        )
+    if bias is not None and bias.shape != weight.shape[:1]:
+        raise ValueError(f"bias must have shape [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+
+
+def resolve_chunk_size(chunk_size: int | None, num_rows: int, vocab: int, device: torch.device) -> int:
+    """Rows per chunk: the given value, or as many as fit CPU_CHUNK_BYTES / CUDA_CHUNK_BYTES of float32 logits."""
+    if chunk_size is not None:
+        if not (isinstance(chunk_size, int) and chunk_size > 0):
+            raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+        return chunk_size
+    budget = CUDA_CHUNK_BYTES if device.type == "cuda" else CPU_CHUNK_BYTES
+    rows = max(64, budget // (4 * vocab)) // 64 * 64  # a multiple of 64: whole kernel tiles
+    return max(1, min(rows, num_rows))
+
+
+def accumulate_grads(dlogits, hidden_c, weight_mm, grad_hidden_c, grad_weight, grad_bias) -> None:
+    """dL/dhidden = dlogits @ W into grad_hidden_c; dL/dW += dlogits^T @ hidden and dL/db += sum, in float32."""
+    if grad_hidden_c is not None:
+        grad_hidden_c.copy_(dlogits @ weight_mm)  # [n, d]
+    if grad_weight is not None:
+        hidden_mm = hidden_c.to(dlogits.dtype)
+        if dlogits.dtype == torch.float32:
+            grad_weight.addmm_(dlogits.T, hidden_mm)  # [V, d]
+        else:
+            grad_weight += dlogits.T @ hidden_mm  # bf16 GEMM with fp32 accumulation inside, fp32 sum across chunks
+    if grad_bias is not None:
+        grad_bias += dlogits.float().sum(0)  # [V]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# autograd
+
+
+class _ChunkedTokenLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, labels, temperature, with_entropy, chunk_size, kernels):
+        n = hidden.shape[0]
+        weight_k, bias_k = kernels.prepare(weight, bias)
+        inv_temperature = 1.0 / temperature
+        logp = hidden.new_empty(n, dtype=torch.float32)  # [N]
+        lse = hidden.new_empty(n, dtype=torch.float32)  # [N]
+        entropy = hidden.new_empty(n, dtype=torch.float32) if with_entropy else None  # [N]
+        for start in range(0, n, chunk_size):
+            rows = slice(start, min(start + chunk_size, n))
+            logp_c, lse_c, ent_c, _ = kernels.stats(
+                hidden[rows], weight_k, bias_k, labels[rows], inv_temperature, with_entropy, False
+            )
+            logp[rows], lse[rows] = logp_c, lse_c
+            if with_entropy:
+                entropy[rows] = ent_c
+        ctx.save_for_backward(hidden, weight, bias, labels, lse, entropy)
+        ctx.inv_temperature, ctx.chunk_size, ctx.kernels = inv_temperature, chunk_size, kernels
+        ctx.set_materialize_grads(False)
+        return logp, entropy
+
+    @staticmethod
+    def backward(ctx, grad_logp, grad_entropy):
+        hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
+        kernels = ctx.kernels
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        if grad_logp is None and grad_entropy is None:
+            return (None,) * 8
+        weight_k, bias_k = kernels.prepare(weight, bias)
+        grad_hidden = torch.empty_like(hidden) if need_h else None
+        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+        n = hidden.shape[0]
+        for start in range(0, n, ctx.chunk_size):
+            rows = slice(start, min(start + ctx.chunk_size, n))
+            dlogits = kernels.dlogits(
+                hidden[rows],
+                weight_k,
+                bias_k,
+                labels[rows],
+                lse[rows],
+                None if grad_logp is None else grad_logp[rows].float(),
+                None if grad_entropy is None else grad_entropy[rows].float(),
+                None if entropy is None else entropy[rows],
+                ctx.inv_temperature,
+            )
+            accumulate_grads(
+                dlogits,
+                hidden[rows],
+                weight_k,
+                None if grad_hidden is None else grad_hidden[rows],
+                grad_weight,
+                grad_bias,
+            )
+            del dlogits
+        grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
+        grad_bias = None if grad_bias is None else grad_bias.to(bias.dtype)
+        return grad_hidden, grad_weight, grad_bias, None, None, None, None, None
+
+
+def token_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    temperature: float = 1.0,
+    with_entropy: bool = False,
+    chunk_size: int | None = None,
+    bias: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """log softmax((hidden @ weight.T + bias) / temperature)[n, labels[n]] without the [N, V] logits.
+
+    hidden [N, d], weight [V, d] (float32, bfloat16 or float16, same dtype), labels [N] long in [0, V),
+    bias [V] or None. Returns logprobs [N] float32 and, with `with_entropy`, the entropy [N] float32 of the
+    same tempered distribution (else None). Both are differentiable in hidden, weight and bias; the backward
+    recomputes each chunk's logits. `temperature` is the sampling temperature (logits are divided by it).
+    chunk_size: rows per chunk (default: 256 MiB of float32 logits on CPU, 1 GiB on CUDA).
+    backend: "auto" (Triton on CUDA when triton imports, else PyTorch), "torch" or "triton".
+    """
+    check_inputs(hidden, weight, labels, bias)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    kernels = select_kernels(hidden.device, backend)
+    chunk = resolve_chunk_size(chunk_size, hidden.shape[0], weight.shape[0], hidden.device)
+    return _ChunkedTokenLogprobs.apply(
+        hidden, weight, bias, labels, float(temperature), bool(with_entropy), chunk, kernels
+    )
