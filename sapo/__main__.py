@@ -1,0 +1,5 @@
+import sys
+
+from sapo.cli import main
+
+sys.exit(main())

@@ -1,0 +1,68 @@
+"""`sapo train | eval | report`: the command line."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from sapo.config import ConfigError, build_config, help_text, parse_overrides
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sapo", description="RL fine-tuning of language models with SAPO")
+    sub = parser.add_subparsers(dest="command")
+    for name, what in (("train", "run the RL loop (no arguments: the built-in CPU default)"),
+                       ("eval", "evaluate a model: Pass@1 (avg@n), pass@k, greedy accuracy")):
+        p = sub.add_parser(name, help=what, add_help=False)
+        p.add_argument("--config", help="YAML file of config keys")
+        p.add_argument("-h", "--help", action="store_true", help="list every config key with its default")
+        p.add_argument("overrides", nargs="*", help="key=value pairs")
+    rep = sub.add_parser("report", help="(re)write report.md and plots for a run folder")
+    rep.add_argument("output_dir")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command is None:
+        _parser().print_help()
+        return 2
+    if args.command == "report":
+        from sapo.report import write_report
+
+        print(write_report(args.output_dir))
+        return 0
+    if args.help:
+        print(f"usage: sapo {args.command} [--config FILE.yaml] [key=value ...]\n")
+        print(help_text())
+        return 0
+    try:
+        overrides = parse_overrides(args.overrides)
+        cfg = build_config(args.config, overrides)
+    except ConfigError as err:
+        print(f"sapo {args.command}: config error: {err}", file=sys.stderr)
+        return 2
+    try:
+        if args.command == "train":
+            from sapo.train import NonFiniteError, train
+
+            try:
+                train(cfg, overrides)
+            except NonFiniteError as err:
+                print(f"sapo train: stopped: {err}", file=sys.stderr)
+                return 1
+        else:
+            from sapo.eval_cli import run_eval
+
+            run_eval(cfg)
+    except ConfigError as err:
+        print(f"sapo {args.command}: config error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"sapo {args.command}: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

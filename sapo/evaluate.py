@@ -1,0 +1,124 @@
+"""Evaluation: Pass@1 as avg@n, unbiased pass@k, greedy accuracy.
+
+Pass@1 here is the mean correctness over n samples per problem at the sampling temperature
+(avg@n, as in the SAPO paper's "avg Pass@1 over 16 samples"). pass@k uses the unbiased
+estimator 1 - C(n-c, k) / C(n, k) (Chen et al. 2021), averaged over problems.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Unbiased pass@k for one problem with n samples of which c are correct."""
+    if not 0 <= c <= n:
+        raise ValueError(f"need 0 <= c <= n, got n={n}, c={c}")
+    if not 1 <= k <= n:
+        raise ValueError(f"need 1 <= k <= n, got k={k}, n={n}")
+    if n - c < k:
+        return 1.0
+    # 1 - prod_{i=n-c+1}^{n} (1 - k/i): the stable product form of 1 - C(n-c,k)/C(n,k)
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+@dataclass
+class EvalResult:
+    metrics: dict[str, float]
+    per_problem_correct: list[int]  # c per problem
+    samples: list[dict]  # a few (prompt, completion, reward) rows for inspection
+
+
+def summarize(correct: Sequence[Sequence[float]], ks: Sequence[int], prefix: str = "eval") -> dict[str, float]:
+    """correct[i][j] in {0, 1}: problem i, sample j. Returns Pass@1 (avg@n) and pass@k."""
+    if not correct:
+        raise ValueError("no problems to summarise")
+    n = len(correct[0])
+    if any(len(row) != n for row in correct):
+        raise ValueError("every problem needs the same number of samples")
+    counts = [int(round(sum(row))) for row in correct]
+    out = {
+        f"{prefix}/pass@1": sum(c / n for c in counts) / len(counts),
+        f"{prefix}/num_problems": float(len(counts)),
+        f"{prefix}/num_samples": float(n),
+    }
+    for k in ks:
+        if k == 1:
+            continue
+        out[f"{prefix}/pass@{k}"] = sum(pass_at_k(n, c, k) for c in counts) / len(counts)
+    return out
+
+
+@torch.no_grad()
+def evaluate(
+    engine,
+    prompt_ids: list[list[int]],
+    prompts: list[str],
+    answers: list[str],
+    reward_fn: Callable[[list[str], list[str], list[str]], list[float]],
+    decode: Callable[[list[int]], str],
+    *,
+    num_samples: int,
+    temperature: float,
+    max_new_tokens: int,
+    eos_token_ids: list[int],
+    pad_token_id: int,
+    ks: Sequence[int] = (1,),
+    greedy: bool = True,
+    generator: torch.Generator | None = None,
+    batch_rows: int = 512,
+    extra_inputs: list[dict] | None = None,
+    prefix: str = "eval",
+) -> EvalResult:
+    """Sample num_samples completions per problem, grade them with the training reward code."""
+    if not (len(prompt_ids) == len(prompts) == len(answers)):
+        raise ValueError("prompt_ids, prompts and answers must have the same length")
+    rows = [(i, j) for i in range(len(prompt_ids)) for j in range(num_samples)]
+    correct = [[0.0] * num_samples for _ in prompt_ids]
+    completions_text: dict[tuple[int, int], str] = {}
+    lengths = []
+    for start in range(0, len(rows), batch_rows):
+        chunk = rows[start : start + batch_rows]
+        batch = engine.generate(
+            [prompt_ids[i] for i, _ in chunk],
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            eos_token_ids=eos_token_ids,
+            pad_token_id=pad_token_id,
+            generator=generator,
+            extra_inputs=[extra_inputs[i] for i, _ in chunk] if extra_inputs else None,
+        )
+        texts = [decode(c) for c in batch.completion_ids]
+        lengths += [len(c) for c in batch.completion_ids]
+        scores = reward_fn([prompts[i] for i, _ in chunk], texts, [answers[i] for i, _ in chunk])
+        for (i, j), text, score in zip(chunk, texts, scores):
+            correct[i][j] = 1.0 if score >= 1.0 else 0.0
+            completions_text[(i, j)] = text
+    metrics = summarize(correct, ks, prefix)
+    metrics[f"{prefix}/completion_length"] = sum(lengths) / max(1, len(lengths))
+    if greedy:
+        greedy_correct = 0
+        for start in range(0, len(prompt_ids), batch_rows):
+            idx = list(range(start, min(len(prompt_ids), start + batch_rows)))
+            batch = engine.generate(
+                [prompt_ids[i] for i in idx],
+                max_new_tokens=max_new_tokens,
+                temperature=1.0,
+                greedy=True,
+                eos_token_ids=eos_token_ids,
+                pad_token_id=pad_token_id,
+                extra_inputs=[extra_inputs[i] for i in idx] if extra_inputs else None,
+            )
+            texts = [decode(c) for c in batch.completion_ids]
+            scores = reward_fn([prompts[i] for i in idx], texts, [answers[i] for i in idx])
+            greedy_correct += sum(1 for s in scores if s >= 1.0)
+        metrics[f"{prefix}/greedy"] = greedy_correct / len(prompt_ids)
+    samples = [
+        {"prompt": prompts[i], "completion": completions_text[(i, 0)], "answer": answers[i], "correct": correct[i][0]}
+        for i in range(min(8, len(prompt_ids)))
+    ]
+    return EvalResult(metrics, [int(round(sum(r))) for r in correct], samples)

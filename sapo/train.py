@@ -1,0 +1,372 @@
+"""The RL recipe: rollout -> reward -> group advantages -> old log-probs -> mini-batch updates.
+
+Read top to bottom; `train(cfg)` is the whole loop. One "step" is one rollout batch
+(prompts_per_step x num_generations completions) followed by `num_minibatches` optimizer updates
+over it, which is what makes the update off-policy (SAPO.md: with one update per rollout, SAPO,
+GSPO and GRPO are all the plain policy gradient).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import signal
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sapo import checkpoint as ckpt
+from sapo.config import ConfigError, TrainConfig, build_config, save_config
+from sapo.evaluate import evaluate
+from sapo.rollout import make_engine
+from sapo.tracking import RunLogger
+from sapo.training.batch import group_advantages, merge_metrics, pack_rollout, select_rows
+from sapo.training.policy import PolicyHandle, load_policy
+from sapo.training.tasks import TaskData, load_task
+
+# ---------------------------------------------------------------------------------------------
+# Pieces of one step
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
+# ---------------------------------------------------------------------------------------------
+# Data order: a seeded permutation per epoch, so the position is two integers in the checkpoint
+
+
+class PromptSampler:
+    def __init__(self, size: int, seed: int, epoch: int = 0, index: int = 0):
+        if size == 0:
+            raise ValueError("the training set is empty")
+        self.size, self.seed, self.epoch, self.index = size, seed, epoch, index
+        self._perm = self._permutation()
+
+    def _permutation(self) -> list[int]:
+        return np.random.RandomState((self.seed * 1_000_003 + self.epoch) % 2**32).permutation(self.size).tolist()
+
+    def next(self, n: int) -> list[int]:
+        out = []
+        while len(out) < n:
+            if self.index >= self.size:
+                self.epoch, self.index = self.epoch + 1, 0
+                self._perm = self._permutation()
+            out.append(self._perm[self.index])
+            self.index += 1
+        return out
+
+    def state(self) -> dict:
+        return {"epoch": self.epoch, "index": self.index}
+
+
+# ---------------------------------------------------------------------------------------------
+# Setup helpers
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _make_scheduler(optimizer, cfg: TrainConfig, total_updates: int):
+    warm = cfg.warmup_steps
+
+    def factor(update: int) -> float:
+        if warm and update < warm:
+            return (update + 1) / warm
+        progress = (update - warm) / max(1, total_updates - warm)
+        if cfg.lr_schedule == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        if cfg.lr_schedule == "linear":
+            return max(0.0, 1 - progress)
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+class _StopFlag:
+    """First Ctrl-C: finish the current step, checkpoint, exit. Second: stop at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        except ValueError:  # not the main thread
+            self._previous = None
+        return self
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\n[sapo] interrupt: finishing this step, then saving a checkpoint (Ctrl-C again to abort)", flush=True)
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+        return False
+
+
+RESUMABLE_OVERRIDES = {"max_steps", "threads", "progress", "eval_steps", "save_steps", "keep_checkpoints", "resume",
+                       "tensorboard", "report"}
+
+
+def resolve_resume(cfg: TrainConfig, overrides: dict) -> tuple[TrainConfig, Path | None]:
+    """For resume=DIR: the saved config (plus the few overrides that may change) and the checkpoint."""
+    run_dir = Path(cfg.resume)
+    saved = run_dir / "config.yaml"
+    if not saved.exists():
+        raise ConfigError(f"resume={run_dir}: no config.yaml there; is it the output_dir of a sapo run?")
+    changed = set(overrides) - RESUMABLE_OVERRIDES
+    if changed:
+        raise ConfigError(
+            f"resume keeps the saved config; these keys cannot change on resume: {', '.join(sorted(changed))} "
+            f"(allowed: {', '.join(sorted(RESUMABLE_OVERRIDES - {'resume'}))})"
+        )
+    keep = {k: v for k, v in overrides.items() if k != "resume"}
+    new_cfg = build_config(saved, keep)
+    new_cfg.output_dir = str(run_dir)
+    new_cfg.resume = str(run_dir)
+    return new_cfg, ckpt.latest_checkpoint(run_dir)
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+
+def train(cfg: TrainConfig, overrides: dict | None = None) -> dict:
+    """Run the RL loop described by cfg; returns the last metrics row (with eval metrics)."""
+    checkpoint_path = None
+    if cfg.resume:
+        cfg, checkpoint_path = resolve_resume(cfg, overrides or {})
+        if checkpoint_path is None:
+            warnings.warn(
+                f"resume={cfg.output_dir}: no complete checkpoint found (the run stopped before its first "
+                "save); starting again from step 0", stacklevel=2,
+            )
+    out_dir = Path(cfg.output_dir)
+    if not cfg.resume and ckpt.list_checkpoints(out_dir):
+        raise ConfigError(
+            f"output_dir={out_dir} already holds a run with checkpoints; pass resume={out_dir} to continue it, "
+            "or choose another output_dir (nothing was overwritten)"
+        )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    _seed_everything(cfg.seed)
+
+    # -- model, reference, data ---------------------------------------------------------------
+    policy: PolicyHandle = load_policy(cfg)
+    task: TaskData = load_task(cfg, policy.tokenizer)
+    model = policy.model
+    save_config(cfg, out_dir / "config.yaml")
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(
+        trainable, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay,
+        eps=1e-8,
+    )
+    total_updates = cfg.max_steps * cfg.num_minibatches
+    scheduler = _make_scheduler(optimizer, cfg, total_updates)
+    rollout_gen = torch.Generator().manual_seed(cfg.seed)
+    sampler = PromptSampler(len(task.train), cfg.seed)
+    start_step, nonfinite_total, best_eval = 0, 0, None
+
+    if checkpoint_path is not None:
+        state = ckpt.load_checkpoint(checkpoint_path, model=model, optimizer=optimizer, scheduler=scheduler,
+                                     generators={"rollout": rollout_gen})
+        start_step = state["step"]
+        sampler = PromptSampler(len(task.train), cfg.seed, **state["data"])
+        nonfinite_total = state.get("nonfinite_total", 0)
+        best_eval = state.get("best_eval")
+        if start_step >= cfg.max_steps:
+            print(f"[sapo] run in {out_dir} already finished at step {start_step} (max_steps={cfg.max_steps}); "
+                  "nothing to do", flush=True)
+            return {"step": start_step, "finished": True}
+        print(f"[sapo] resuming {out_dir} from step {start_step}", flush=True)
+
+    logger = RunLogger(out_dir, tensorboard=cfg.tensorboard, resume_step=start_step if cfg.resume else None)
+    engine = make_engine(cfg.engine, model)
+    reference = None
+    if cfg.beta > 0:
+        reference = policy.reference()
+    loss_options = policy.loss_options(cfg)
+    eval_temperature = cfg.temperature if cfg.eval_temperature < 0 else cfg.eval_temperature
+
+    def run_eval(step: int) -> dict[str, float]:
+        if not task.eval:
+            return {}
+        t0 = time.perf_counter()
+        result = evaluate(
+            engine, [e.prompt_ids for e in task.eval], [e.prompt_text for e in task.eval],
+            [e.answer for e in task.eval], task.correctness, policy.decode,
+            num_samples=cfg.eval_num_samples, temperature=eval_temperature,
+            max_new_tokens=cfg.max_completion_length, eos_token_ids=policy.eos_token_ids,
+            pad_token_id=policy.pad_token_id, ks=[int(k) for k in cfg.eval_pass_k], greedy=cfg.eval_greedy,
+            generator=torch.Generator().manual_seed(cfg.seed * 7919 + step),  # own stream: eval never shifts training
+            extra_inputs=[e.extra for e in task.eval] if task.eval[0].extra else None,
+        )
+        result.metrics["time/eval"] = time.perf_counter() - t0
+        return result.metrics
+
+    step_metrics: dict[str, float] = {}
+    nonfinite_run = 0
+    progress = None
+    if cfg.progress:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=cfg.max_steps, initial=start_step, desc="sapo train", dynamic_ncols=True)
+
+    with _StopFlag() as stop:
+        if start_step == 0 and cfg.eval_steps:
+            eval_metrics = run_eval(0)
+            logger.log(0, eval_metrics)
+            step_metrics = {"step": 0, **eval_metrics}
+            best_eval = eval_metrics.get("eval/pass@1")
+            _show(progress, step_metrics)
+        step = start_step
+        while step < cfg.max_steps:
+            step += 1
+            t_step = time.perf_counter()
+            model.train()
+            # 1. sample prompts, roll out G completions each from the current policy
+            idx = sampler.next(cfg.prompts_per_step)
+            examples = [task.train[i] for i in idx]
+            prompt_ids = [e.prompt_ids for e in examples for _ in range(cfg.num_generations)]
+            t0 = time.perf_counter()
+            batch = engine.generate(
+                prompt_ids, max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
+                top_p=cfg.top_p, top_k=cfg.top_k, eos_token_ids=policy.eos_token_ids,
+                pad_token_id=policy.pad_token_id, generator=rollout_gen,
+                extra_inputs=[e.extra for e in examples for _ in range(cfg.num_generations)]
+                if examples[0].extra else None,
+            )
+            t_rollout = time.perf_counter() - t0
+            # 2. rewards (the same code as evaluation), 3. group-normalised advantages
+            texts = [policy.decode(c) for c in batch.completion_ids]
+            prompts_text = [e.prompt_text for e in examples for _ in range(cfg.num_generations)]
+            answers = [e.answer for e in examples for _ in range(cfg.num_generations)]
+            t0 = time.perf_counter()
+            reward_out = task.rewards(prompts_text, texts, answers)
+            t_reward = time.perf_counter() - t0
+            rewards = torch.tensor(reward_out.total, dtype=torch.float32).view(cfg.prompts_per_step, cfg.num_generations)
+            advantages = group_advantages(rewards, cfg.scale_rewards)  # [P, G]
+            equal = (rewards.max(dim=1).values == rewards.min(dim=1).values)  # [P]
+            keep_rows = torch.arange(rewards.numel())
+            if cfg.drop_equal_groups:
+                keep_rows = (~equal).repeat_interleave(cfg.num_generations).nonzero().flatten()
+            tensors = pack_rollout(batch, advantages.flatten(), policy.pad_token_id, cfg.mask_truncated)
+            if batch_extra := [e.extra for e in examples for _ in range(cfg.num_generations)] if examples[0].extra else []:
+                tensors.extra = batch_extra
+            metrics: dict[str, float] = {
+                "reward/mean": rewards.mean().item(),
+                "reward/std": rewards.std().item() if rewards.numel() > 1 else 0.0,
+                "groups/equal_reward_frac": equal.float().mean().item(),
+                "completion/length_mean": float(np.mean([len(c) for c in batch.completion_ids])),
+                "completion/length_max": float(max(len(c) for c in batch.completion_ids)),
+                "completion/truncated_frac": float(np.mean(batch.truncated)),
+                "advantage/abs_mean": advantages.abs().mean().item(),
+                **reward_out.metrics,
+            }
+            updates_metrics: list[dict[str, float]] = []
+            if len(keep_rows) > 0:
+                tensors = select_rows(tensors, keep_rows)
+                # 4. old (behaviour) log-probs, once, before any update; the routing they used (MoE)
+                t0 = time.perf_counter()
+                old = policy.behaviour_pass(tensors, cfg, need_old=cfg.num_minibatches > 1 or cfg.tis_cap > 0)
+                ref_logprobs = policy.reference_logprobs(reference, tensors, cfg) if reference is not None else None
+                t_old = time.perf_counter() - t0
+                metrics.update(old.metrics)
+                # 5. num_minibatches sequential updates over the rollout batch
+                t0 = time.perf_counter()
+                order = torch.randperm(tensors.num_rows, generator=rollout_gen)
+                for mb_rows in torch.tensor_split(order, cfg.num_minibatches):
+                    if len(mb_rows) == 0:
+                        continue
+                    m = policy.update(
+                        optimizer, tensors, mb_rows, old, ref_logprobs, loss_options, cfg,
+                    )
+                    if m.pop("nonfinite", 0.0):
+                        nonfinite_run += 1
+                        nonfinite_total += 1
+                        if nonfinite_run >= cfg.max_consecutive_nonfinite:
+                            raise NonFiniteError(
+                                f"{nonfinite_run} consecutive updates had non-finite loss or gradients (step {step}); "
+                                "the weights were left untouched and the last checkpoint is clean. Lower lr, "
+                                "check rewards for NaN, or raise max_consecutive_nonfinite."
+                            )
+                    else:
+                        nonfinite_run = 0
+                        scheduler.step()
+                    updates_metrics.append(m)
+                t_update = time.perf_counter() - t0
+            else:
+                t_old = t_update = 0.0
+            metrics.update(merge_metrics(updates_metrics))
+            metrics.update({
+                "nonfinite/skipped_total": float(nonfinite_total),
+                "lr": scheduler.get_last_lr()[0],
+                "time/rollout": t_rollout, "time/reward": t_reward, "time/old_logprobs": t_old,
+                "time/update": t_update, "time/step": time.perf_counter() - t_step,
+                "tokens/completion_per_s": sum(len(c) for c in batch.completion_ids) / max(t_rollout, 1e-9),
+            })
+            # 6. evaluation, logging, checkpoints
+            last = step == cfg.max_steps
+            if cfg.eval_steps and (step % cfg.eval_steps == 0 or last):
+                metrics.update(run_eval(step))
+                if "eval/pass@1" in metrics:
+                    best_eval = max(best_eval or 0.0, metrics["eval/pass@1"])
+            logger.log(step, metrics)
+            if cfg.log_samples:
+                logger.log_samples(step, [
+                    {"prompt": prompts_text[i], "completion": texts[i], "answer": answers[i],
+                     "reward": float(reward_out.total[i]), "advantage": float(advantages.flatten()[i])}
+                    for i in range(0, len(texts), max(1, len(texts) // cfg.log_samples))
+                ][: cfg.log_samples])
+            step_metrics = {"step": step, **metrics}
+            _show(progress, step_metrics)
+            if last or stop.requested or (cfg.save_steps and step % cfg.save_steps == 0):
+                ckpt.save_checkpoint(
+                    out_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
+                    trainer_state={"data": sampler.state(), "nonfinite_total": nonfinite_total,
+                                   "best_eval": best_eval, "max_steps": cfg.max_steps},
+                    generators={"rollout": rollout_gen}, keep=cfg.keep_checkpoints,
+                )
+                logger.flush()
+            if stop.requested:
+                print(f"[sapo] stopped at step {step}; resume with: sapo train resume={out_dir}", flush=True)
+                break
+    if progress is not None:
+        progress.close()
+    logger.close()
+    if step >= cfg.max_steps:
+        policy.save_final(out_dir / "final_model")
+        if cfg.report:
+            from sapo.report import write_report
+
+            write_report(out_dir)
+    return step_metrics
+
+
+def _show(progress, metrics: dict) -> None:
+    if progress is None:
+        return
+    progress.n = int(metrics.get("step", 0))
+    shown = {}
+    for key, name in (("reward/mean", "reward"), ("eval/pass@1", "pass@1"), ("sapo/gate_mean", "gate"),
+                      ("ratio/max", "r_max"), ("completion/length_mean", "len")):
+        if key in metrics:
+            shown[name] = f"{metrics[key]:.3g}"
+    progress.set_postfix(shown, refresh=False)
+    progress.refresh()
+
+
+__all__ = ["train", "PromptSampler", "NonFiniteError", "resolve_resume"]

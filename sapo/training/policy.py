@@ -1,0 +1,287 @@
+"""The trainable policy: its log-prob passes and one optimizer update.
+
+Log-probs never go through the full [N, V] logits: the backbone gives hidden states, and
+`sapo.ops.token_logprobs` turns the completion positions' hidden states into log-probs chunk by
+chunk (divided by the sampling temperature, as the sampler did).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from sapo.config import ConfigError, TrainConfig
+from sapo.models import routing as moe
+from sapo.models.forward import hidden_states, output_bias, output_weight
+from sapo.objectives import policy_loss
+from sapo.ops import token_logprobs
+from sapo.training.batch import merge_metrics, select_rows
+
+
+@dataclass
+class BehaviourPass:
+    """What the behaviour policy (the weights that sampled the rollout) said about it."""
+
+    old_logprobs: torch.Tensor | None  # [N, C] float32, None when the update is on-policy
+    routing: torch.Tensor | None = None  # [L, N, P + C, k] int, MoE experts chosen by pi_old
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+class PolicyHandle:
+    def __init__(self, model, tokenizer, *, eos_token_ids: list[int], pad_token_id: int, lora: bool = False):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids
+        self.pad_token_id = pad_token_id
+        self.lora = lora
+        self.is_moe = moe.is_moe(model)
+        self.device = next(model.parameters()).device
+
+    # -- text ---------------------------------------------------------------------------------
+    def decode(self, ids: list[int]) -> str:
+        ids = [i for i in ids if i not in self.eos_token_ids]
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    # -- log-probs ----------------------------------------------------------------------------
+    def _autocast(self, cfg: TrainConfig):
+        on = cfg.autocast_bf16 == "on" or (
+            cfg.autocast_bf16 == "auto" and self.device.type == "cuda" and torch.cuda.is_bf16_supported()
+        )
+        if not on:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
+
+    def completion_logprobs(self, model, t, cfg: TrainConfig, *, with_entropy: bool = False):
+        """Log-probs [b, C] (float32, 0 where masked) of the completion tokens of rollout rows t."""
+        input_ids = t.input_ids.to(self.device)
+        extra = _stack_extra(t.extra, self.device)
+        with self._autocast(cfg):
+            hidden = hidden_states(
+                model, input_ids, t.attention_mask.to(self.device), position_ids=t.position_ids.to(self.device),
+                **extra,
+            )  # [b, P + C, d]
+        P = t.prompt_width
+        mask = t.completion_mask.to(self.device)  # [b, C]
+        # the hidden state at position j predicts token j + 1
+        h = hidden[:, P - 1 : -1][mask]  # [n, d]
+        labels = input_ids[:, P:][mask]  # [n]
+        logp_flat, ent_flat = token_logprobs(
+            h, output_weight(model), labels, temperature=cfg.temperature, with_entropy=with_entropy,
+            chunk_size=cfg.logprob_chunk_size or None, bias=output_bias(model),
+        )
+        logp = torch.zeros(mask.shape, dtype=torch.float32, device=self.device)
+        logp = logp.masked_scatter(mask, logp_flat)  # [b, C]
+        entropy = None
+        if ent_flat is not None:
+            entropy = torch.zeros(mask.shape, dtype=torch.float32, device=self.device).masked_scatter(
+                mask, ent_flat.detach()
+            )
+        return logp, entropy
+
+    def _micro_batches(self, rows: torch.Tensor, cfg: TrainConfig):
+        size = cfg.micro_batch_size or len(rows)
+        return torch.split(rows, size)
+
+    @torch.no_grad()
+    def behaviour_pass(self, tensors, cfg: TrainConfig, *, need_old: bool) -> BehaviourPass:
+        """Old log-probs (and the experts they used, for MoE) before any update of this step."""
+        record = self.is_moe and (need_old or cfg.routing_replay == "R2")
+        if not (need_old or record):
+            return BehaviourPass(None)
+        model = self.model
+        was_training = model.training
+        model.eval()
+        logps, routings = [], []
+        for rows in self._micro_batches(torch.arange(tensors.num_rows), cfg):
+            part = select_rows(tensors, rows)
+            ctx = moe.record_routing(model) if record else contextlib.nullcontext()
+            with ctx as recorder:
+                logp, _ = self.completion_logprobs(model, part, cfg)
+            logps.append(logp)
+            if record:
+                routings.append(recorder.routing)
+        model.train(was_training)
+        out = BehaviourPass(torch.cat(logps), torch.cat(routings, dim=1) if routings else None)
+        if out.routing is not None:
+            num_experts = moe.num_experts(model)
+            ent = moe.expert_load_entropy(out.routing, _full_mask(tensors), num_experts)
+            out.metrics["moe/expert_load_entropy"] = float(sum(ent) / len(ent))
+        if cfg.tis_cap > 0:
+            # trainer vs sampler mismatch, before any update: log pi_old - log pi_sampler
+            m = tensors.completion_mask
+            diff = (out.old_logprobs - tensors.sampler_logprobs.to(out.old_logprobs.device))[m.to(self.device)]
+            out.metrics["mismatch/abs_log_ratio_mean"] = diff.abs().mean().item() if diff.numel() else 0.0
+        return out
+
+    # -- reference policy ----------------------------------------------------------------------
+    def reference(self):
+        """A frozen reference: the base weights with adapters off (LoRA), else a frozen copy."""
+        if self.lora:
+            return "adapters_disabled"
+        ref = copy.deepcopy(self.model).eval()
+        for p in ref.parameters():
+            p.requires_grad_(False)
+        return ref
+
+    @torch.no_grad()
+    def reference_logprobs(self, reference, tensors, cfg: TrainConfig) -> torch.Tensor:
+        out = []
+        for rows in self._micro_batches(torch.arange(tensors.num_rows), cfg):
+            part = select_rows(tensors, rows)
+            if reference == "adapters_disabled":
+                from sapo.models.lora import adapters_disabled
+
+                with adapters_disabled(self.model):
+                    logp, _ = self.completion_logprobs(self.model, part, cfg)
+            else:
+                logp, _ = self.completion_logprobs(reference, part, cfg)
+            out.append(logp)
+        return torch.cat(out)
+
+    def loss_options(self, cfg: TrainConfig) -> dict:
+        options = {"tau_pos": cfg.tau_pos, "tau_neg": cfg.tau_neg, "beta": cfg.beta,
+                   "kl_estimator": cfg.kl_estimator}
+        if cfg.epsilon_low >= 0:
+            options["epsilon_low"] = cfg.epsilon_low
+        if cfg.epsilon_high >= 0:
+            options["epsilon_high"] = cfg.epsilon_high
+        if cfg.loss_type == "dr_grpo":
+            options["max_completion_length"] = cfg.max_completion_length
+        return options
+
+    # -- one optimizer update -----------------------------------------------------------------
+    def update(self, optimizer, tensors, rows, old: BehaviourPass, ref_logprobs, loss_options, cfg) -> dict:
+        """One optimizer step on mini-batch `rows`, accumulated over micro-batches.
+
+        Normalisers are the mini-batch's global counts (rows, unmasked tokens), passed to every
+        micro-batch, so accumulation gives exactly the whole-mini-batch gradient.
+        """
+        model = self.model
+        optimizer.zero_grad(set_to_none=True)
+        mask_all = tensors.completion_mask[rows]
+        num_sequences = len(rows)
+        num_tokens = int(mask_all.sum())
+        metrics_rows, losses, finite = [], [], True
+        routing_changed = []
+        for micro in self._micro_batches(rows, cfg):
+            part = select_rows(tensors, micro)
+            replay = cfg.routing_replay == "R2" and old.routing is not None
+            ctx = contextlib.ExitStack()
+            recorder = None
+            if self.is_moe and old.routing is not None:
+                recorder = ctx.enter_context(moe.record_routing(model))
+            if replay:
+                ctx.enter_context(moe.replay_routing(model, old.routing[:, micro.to(old.routing.device)]))
+            with ctx:
+                logp, entropy = self.completion_logprobs(model, part, cfg, with_entropy=True)
+            mask = part.completion_mask.to(self.device)
+            old_logp = old.old_logprobs[micro.to(self.device)] if old.old_logprobs is not None else logp.detach()
+            token_weights = None
+            if cfg.tis_cap > 0:
+                # truncated importance sampling: pi_old / pi_sampler, capped (sampler/trainer mismatch)
+                sampler = part.sampler_logprobs.to(self.device)
+                token_weights = torch.exp((old_logp - sampler).clamp(max=20.0)).clamp(max=cfg.tis_cap)
+                token_weights = torch.where(mask, token_weights, 0.0)
+            loss, metrics = policy_loss(
+                logp, old_logp, part.advantages.to(self.device), mask, cfg.loss_type,
+                ref_logprobs=ref_logprobs[micro.to(self.device)] if ref_logprobs is not None else None,
+                token_weights=token_weights, num_sequences=num_sequences, num_tokens=num_tokens,
+                **loss_options,
+            )
+            if not torch.isfinite(loss):
+                finite = False
+                break
+            loss.backward()
+            losses.append(loss.detach())
+            if entropy is not None and mask.any():
+                metrics["entropy/mean"] = entropy[mask].mean().item()
+            if recorder is not None:
+                frac, _ = moe.routing_changed_fraction(
+                    old.routing[:, micro.to(old.routing.device)], recorder.routing, _full_mask(part)
+                )
+                routing_changed.append(frac)
+            metrics_rows.append(metrics)
+        grad_norm = float("nan")
+        if finite:
+            params = [p for p in model.parameters() if p.grad is not None]
+            if cfg.max_grad_norm > 0:
+                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+            else:
+                grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+            finite = bool(torch.isfinite(torch.tensor(grad_norm)))
+        if not finite:
+            # never step on a poisoned gradient: the weights stay as they were
+            optimizer.zero_grad(set_to_none=True)
+            return {"nonfinite": 1.0}
+        optimizer.step()
+        out = merge_metrics(metrics_rows)
+        out["loss/total"] = float(sum(losses).item())
+        out["grad_norm"] = grad_norm
+        if routing_changed:
+            out["moe/routing_changed"] = sum(routing_changed) / len(routing_changed)
+        return out
+
+    # -- end of training -----------------------------------------------------------------------
+    def save_final(self, path: Path) -> None:
+        from sapo.models.loading import save_model
+
+        save_model(self.model, self.tokenizer, path)
+
+
+def _full_mask(t) -> torch.Tensor:
+    """[b, P + C] bool: positions of real tokens whose routing matters (the completion part)."""
+    full = torch.zeros(t.input_ids.shape, dtype=torch.bool)
+    full[:, t.prompt_width :] = t.completion_mask
+    return full
+
+
+def _stack_extra(extra: list[dict], device) -> dict:
+    if not extra:
+        return {}
+    from sapo.data.multimodal import collate_extra
+
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate_extra(extra).items()}
+
+
+def load_policy(cfg: TrainConfig) -> PolicyHandle:
+    """Model and tokenizer from cfg.model, with LoRA and gradient checkpointing as configured."""
+    from sapo.models.loading import load_model
+
+    spec = cfg.model
+    if spec.startswith("builtin:"):
+        from sapo.training.warmstart import BUILTIN_MODELS, builtin_model_path
+
+        if spec not in BUILTIN_MODELS:
+            raise ConfigError(f"model={spec!r}: unknown built-in model; choose one of {', '.join(BUILTIN_MODELS)}")
+        spec = str(builtin_model_path(spec))
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        model, tokenizer = load_model(spec, dtype=cfg.dtype, device=device)
+    except (FileNotFoundError, ValueError) as err:
+        raise ConfigError(f"model={cfg.model!r}: {err}") from err
+    if cfg.routing_replay != "none" and not moe.is_moe(model):
+        raise ConfigError(f"routing_replay={cfg.routing_replay} needs a Mixture-of-Experts model; "
+                          f"{type(model).__name__} has no top-k router (use routing_replay=none)")
+    if cfg.lora_rank:
+        from sapo.models.lora import apply_lora
+
+        model = apply_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=0.0,
+                           target_modules=cfg.lora_target_modules,
+                           target_parameters=cfg.lora_target_parameters or None)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model.config.use_cache = False
+    eos = set()
+    for source in (tokenizer.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)):
+        if isinstance(source, int):
+            eos.add(source)
+        elif isinstance(source, list | tuple):
+            eos.update(int(s) for s in source)
+    if not eos:
+        raise ConfigError(f"model={cfg.model!r}: the tokenizer has no EOS token; completions could never end")
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
+    return PolicyHandle(model, tokenizer, eos_token_ids=sorted(eos), pad_token_id=pad, lora=bool(cfg.lora_rank))
