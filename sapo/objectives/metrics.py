@@ -48,10 +48,19 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, values, 0.0).sum() / mask.sum()
 
 
+def masked_extreme(values: torch.Tensor, mask: torch.Tensor, largest: bool) -> torch.Tensor:
+    """max (largest) or min of values[mask]; nan when the mask is empty (also for zero-size inputs)."""
+    fill = -torch.inf if largest else torch.inf
+    flat = torch.cat([torch.where(mask, values, fill).flatten(), values.new_full((1,), fill)])
+    extreme = flat.max() if largest else flat.min()
+    return torch.where(mask.any(), extreme, torch.nan)
+
+
 def masked_quantiles(values: torch.Tensor, mask: torch.Tensor, qs) -> torch.Tensor:
     """Linear-interpolation quantiles (torch.quantile's default) of values[mask], on device, no sync. [Q]"""
-    flat = torch.where(mask, values, torch.inf).flatten()
-    ordered = torch.sort(flat).values  # masked entries sorted to the end
+    # One extra +inf keeps the sorted vector non-empty; masked entries sort to the end.
+    flat = torch.cat([torch.where(mask, values, torch.inf).flatten(), values.new_full((1,), torch.inf)])
+    ordered = torch.sort(flat).values
     count = mask.sum()
     position = torch.tensor(qs, dtype=torch.float32, device=values.device) * (count - 1).clamp(min=0)  # [Q]
     low = position.floor().long()
@@ -86,7 +95,7 @@ def policy_metrics(
     mean = masked_mean(token_ratio, mask)
     variance = masked_mean((token_ratio - mean) ** 2, mask)
     values += [mean, variance.sqrt()]
-    values += [torch.where(mask, token_ratio, torch.inf).min(), torch.where(mask, token_ratio, -torch.inf).max()]
+    values += [masked_extreme(token_ratio, mask, largest=False), masked_extreme(token_ratio, mask, largest=True)]
     values += list(masked_quantiles(log_ratio, mask, QUANTILES).unbind())
 
     # Var_i: in-sequence (population) variance of the token log-ratios, SAPO section 4.1.
@@ -101,7 +110,7 @@ def policy_metrics(
     if spec.ratio_level != "token":
         seq_ratio = torch.exp(seq_log_ratio)  # [B]
         values += [masked_mean(seq_ratio, nonempty)]
-        values += [torch.where(nonempty, seq_ratio, torch.inf).min(), torch.where(nonempty, seq_ratio, -torch.inf).max()]
+        values += [masked_extreme(seq_ratio, nonempty, largest=False), masked_extreme(seq_ratio, nonempty, largest=True)]
 
     positive, negative = mask & (advantages > 0), mask & (advantages < 0)
     if spec.shaping == "clip":
