@@ -43,7 +43,10 @@ def test_untied_head_and_gradients_reach_it():
     assert weight is model.lm_head.weight and weight is not model.model.embed_tokens.weight
     input_ids = torch.randint(4, 64, (2, 6))
     (hidden_states(model, input_ids) @ weight.T).logsumexp(-1).sum().backward()
-    assert model.lm_head.weight.grad is not None and model.model.layers[0].self_attn.q_proj.weight.grad is not None
+    assert (
+        model.lm_head.weight.grad is not None
+        and model.model.layers[0].self_attn.q_proj.weight.grad is not None
+    )
 
 
 def test_peft_wrapped_model_uses_the_adapters():
@@ -51,7 +54,9 @@ def test_peft_wrapped_model_uses_the_adapters():
     from peft import LoraConfig, get_peft_model
 
     model = build_tiny_model("qwen3", 64)
-    peft_model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    peft_model = get_peft_model(
+        model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+    )
     peft_model.eval()
     input_ids = torch.randint(4, 64, (2, 6))
     with torch.no_grad():

@@ -1,0 +1,280 @@
+"""Routing record / replay for top-k MoE routers, and routing diagnostics.
+
+Why: in an MoE policy the experts a token is sent to can change between the forward that produced
+the old log-probs and the forward being optimised, so the importance ratio mixes a weight change
+with a discrete routing change. Routing replay removes the second part:
+
+- R2: record the experts chosen by the old policy's training forward (`record_routing`) and force
+  them in the new forwards (`replay_routing`).
+- R3: record the experts chosen during generation (prefill + decode steps) and force those.
+
+Under replay the gate *weights* are still the current router's: softmax of the current router
+logits gathered at the replayed experts (renormalised over them when `norm_topk_prob`), so the
+router keeps receiving gradients. Only the discrete top-k choice is pinned.
+
+Supported routers: transformers 5.x `Qwen3MoeTopKRouter` and `Qwen3VLMoeTextTopKRouter`
+(`mlp.gate`, returning `(router_logits, top-k weights, top-k indices)`, experts are fused 3-D
+parameters). Any other layout raises instead of silently doing nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Router class -> whether it renormalises the top-k probabilities when it has no
+# `norm_topk_prob` attribute (Qwen3-VL-MoE always does; Qwen3-MoE follows its config).
+_RENORMALISES_BY_DEFAULT = {"Qwen3MoeTopKRouter": False, "Qwen3VLMoeTextTopKRouter": True}
+SUPPORTED_ROUTERS = tuple(_RENORMALISES_BY_DEFAULT)
+UNSET = -1  # a routing entry of -1 means "no recorded choice: let the current router pick"
+
+
+def _is_router_like(name: str, module: nn.Module) -> bool:
+    class_name = type(module).__name__
+    return class_name.endswith("Router") or (name.endswith("mlp.gate") and not isinstance(module, nn.Linear))
+
+
+def _config_has_experts(model: nn.Module) -> bool:
+    config = getattr(model, "config", None)
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return any(
+        (getattr(config, key, 0) or 0) > 1 for key in ("num_experts", "num_local_experts", "n_routed_experts")
+    )
+
+
+def moe_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """`(qualified name, router module)` of every MoE layer, in layer order.
+
+    Raises NotImplementedError when the model has a router of an unknown kind, or when its config
+    declares experts but no supported router is found (e.g. a transformers version whose MoE
+    layout this module does not know).
+    """
+    layers = []
+    for name, module in model.named_modules():
+        if not _is_router_like(name, module):
+            continue
+        if type(module).__name__ not in SUPPORTED_ROUTERS:
+            raise NotImplementedError(
+                f"router {name} is a {type(module).__name__}; routing record/replay supports {SUPPORTED_ROUTERS}"
+            )
+        layers.append((name, module))
+    if not layers and _config_has_experts(model):
+        raise NotImplementedError(
+            f"{type(model).__name__} declares experts in its config but has no {SUPPORTED_ROUTERS} module; "
+            "this transformers version's MoE layout is not supported by sapo.models.routing"
+        )
+    return layers
+
+
+def is_moe(model: nn.Module) -> bool:
+    return len(moe_layers(model)) > 0
+
+
+def routing_dtype(num_experts: int) -> torch.dtype:
+    """int8 when every expert id (and the -1 marker) fits, else int16."""
+    if num_experts > torch.iinfo(torch.int16).max:
+        raise ValueError(f"num_experts={num_experts} does not fit int16 routing storage")
+    return torch.int8 if num_experts <= torch.iinfo(torch.int8).max else torch.int16
+
+
+@dataclass
+class RoutingRecord:
+    """Routing seen during the forwards of one context, per MoE layer and per forward call.
+
+    Several calls (prefill, then one call per decode step) are joined along the sequence axis, so
+    one forward of `[B, T]` or one generation gives `experts` of shape `[L, B, T_total, k]`.
+    """
+
+    num_experts: int
+    top_k: int
+    experts_calls: list[list[torch.Tensor]] = field(default_factory=list)  # [L][call] -> [B, t, k]
+    logits_calls: list[list[torch.Tensor]] = field(default_factory=list)  # [L][call] -> [B, t, E] fp32
+
+    @staticmethod
+    def _join(calls: list[list[torch.Tensor]], what: str) -> torch.Tensor:
+        if not calls or not calls[0]:
+            raise ValueError(f"no {what} recorded: run a forward of the model inside the context")
+        rows = {c.shape[0] for layer in calls for c in layer}
+        if len(rows) != 1:
+            raise ValueError(
+                f"forward calls in one record had different batch sizes {sorted(rows)}; record each "
+                "forward in its own context (rows that leave a generation batch are not supported)"
+            )
+        return torch.stack([torch.cat(layer, dim=1) for layer in calls])  # [L, B, T, *]
+
+    @property
+    def experts(self) -> torch.Tensor:
+        """Selected experts `[L, B, T, k]` (int8 or int16), in the router's top-k order."""
+        return self._join(self.experts_calls, "routing")
+
+    @property
+    def router_logits(self) -> torch.Tensor:
+        """Router logits `[L, B, T, E]` float32 (only with `with_logits=True`)."""
+        return self._join(self.logits_calls, "router logits (pass with_logits=True)")
+
+
+def _router_logits(router: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    # The same linear map the router applies; recomputed because some transformers 5.x releases
+    # return softmax probabilities in the "router_logits" slot.
+    return F.linear(hidden.reshape(-1, router.weight.shape[1]), router.weight, getattr(router, "bias", None))
+
+
+def _replayed_weights(router: nn.Module, logits: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
+    """Gate weights of the forced experts from the current router: p = softmax(logits), w = p[experts]."""
+    probs = F.softmax(logits, dim=-1, dtype=torch.float32)  # [N, E]
+    weights = probs.gather(1, experts)  # [N, k]
+    renormalise = getattr(router, "norm_topk_prob", _RENORMALISES_BY_DEFAULT[type(router).__name__])
+    if renormalise:
+        weights = weights / weights.sum(dim=-1, keepdim=True)  # renormalise over the k chosen experts
+    return weights.to(logits.dtype)
+
+
+@contextlib.contextmanager
+def _routing_hooks(
+    model: nn.Module, replay: torch.Tensor | None, with_logits: bool
+) -> Iterator[RoutingRecord]:
+    layers = moe_layers(model)
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no MoE layers: routing record/replay does not apply")
+    first = layers[0][1]
+    record = RoutingRecord(num_experts=first.num_experts, top_k=first.top_k)
+    record.experts_calls = [[] for _ in layers]
+    record.logits_calls = [[] for _ in layers]
+    store = routing_dtype(record.num_experts)
+    if replay is not None and (
+        replay.dim() != 4 or replay.shape[0] != len(layers) or replay.shape[3] != first.top_k
+    ):
+        raise ValueError(
+            f"replayed routing has shape {tuple(replay.shape)}; expected [L={len(layers)}, B, T, k={first.top_k}]"
+        )
+    modules = dict(model.named_modules())
+    shapes: list[tuple[int, int]] = [(0, 0)] * len(layers)  # (B, T) of the current call, per layer
+    handles = []
+
+    def block_pre_hook(index: int):
+        def hook(module, args):
+            hidden = args[0] if args else None
+            if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
+                raise NotImplementedError(f"MoE block {layers[index][0]} did not get a [B, T, d] input")
+            shapes[index] = (hidden.shape[0], hidden.shape[1])
+
+        return hook
+
+    def router_hook(index: int):
+        def hook(router, args, output):
+            batch, length = shapes[index]
+            if not (isinstance(output, tuple) and len(output) == 3 and output[2].dim() == 2):
+                raise NotImplementedError(
+                    f"router {layers[index][0]} returned an unknown layout; expected "
+                    "(router_logits, top-k weights [N, k], top-k indices [N, k])"
+                )
+            chosen = output[2]  # [N, k] the current router's own top-k
+            if chosen.shape != (batch * length, router.top_k):
+                raise NotImplementedError(
+                    f"router {layers[index][0]} saw {chosen.shape[0]} tokens, block {batch}x{length}"
+                )
+            in_backward = torch._C._current_graph_task_id() != -1  # activation-checkpoint recompute
+            logits = None
+            if not in_backward:
+                record.experts_calls[index].append(chosen.detach().reshape(batch, length, -1).to(store))
+            if with_logits or replay is not None:
+                logits = _router_logits(router, args[0])  # [N, E]
+            if with_logits and not in_backward:
+                record.logits_calls[index].append(logits.detach().float().reshape(batch, length, -1))
+            if replay is None:
+                return None
+            forced = replay[index]
+            if forced.shape[:2] != (batch, length):
+                raise ValueError(
+                    f"replayed routing is for a [B={forced.shape[0]}, T={forced.shape[1]}] batch but the "
+                    f"forward got [B={batch}, T={length}]: slice its rows to the micro-batch (routing[:, rows])"
+                )
+            forced = forced.to(device=chosen.device, dtype=torch.long).reshape(batch * length, -1)  # [N, k]
+            unset = (forced < 0).any(dim=-1, keepdim=True)  # [N, 1] positions with no recorded choice
+            forced = torch.where(unset, chosen, forced)
+            return (output[0], _replayed_weights(router, logits, forced), forced)
+
+        return hook
+
+    try:
+        for index, (name, router) in enumerate(layers):
+            block = modules[name.rsplit(".", 1)[0]] if "." in name else model
+            handles.append(block.register_forward_pre_hook(block_pre_hook(index)))
+            handles.append(router.register_forward_hook(router_hook(index)))
+        yield record
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def record_routing(
+    model: nn.Module, *, with_logits: bool = False
+) -> contextlib.AbstractContextManager[RoutingRecord]:
+    """Record each MoE layer's top-k experts during the forwards run inside the context.
+
+    >>> with record_routing(model) as record:
+    ...     model(input_ids=ids, attention_mask=mask)
+    >>> routing = record.experts  # [L, B, T, k]; padding positions hold values that do not matter
+    """
+    return _routing_hooks(model, replay=None, with_logits=with_logits)
+
+
+def replay_routing(
+    model: nn.Module, routing: torch.Tensor, *, with_logits: bool = False
+) -> contextlib.AbstractContextManager[RoutingRecord]:
+    """Force the experts in `routing` `[L, B, T, k]` (rows sliced to the micro-batch) in every
+    forward inside the context; entries of -1 leave the choice to the current router.
+
+    The yielded record holds the current router's *own* top-k (what it would have chosen), so
+    routing diagnostics stay meaningful under replay. Run backward inside the context when
+    activation checkpointing recomputes the forward.
+    """
+    return _routing_hooks(model, replay=routing, with_logits=with_logits)
+
+
+def pad_routing(routing: torch.Tensor, length: int) -> torch.Tensor:
+    """Extend `[L, B, T, k]` to `[L, B, length, k]` with -1 (R3: the last sampled token is never
+    fed to the model, so generation records one position fewer than the full sequence)."""
+    missing = length - routing.shape[2]
+    if missing < 0:
+        raise ValueError(f"routing covers {routing.shape[2]} positions, more than length={length}")
+    fill = routing.new_full((*routing.shape[:2], missing, routing.shape[3]), UNSET)
+    return torch.cat([routing, fill], dim=2)
+
+
+def routing_changed_fraction(
+    old_routing: torch.Tensor, new_routing: torch.Tensor, mask: torch.Tensor
+) -> tuple[float, list[float]]:
+    """Share of masked tokens whose top-k expert *set* differs (order-insensitive).
+
+    old_routing, new_routing: [L, B, T, k]; mask: [B, T]. Returns (mean over layers, per layer).
+    """
+    if old_routing.shape != new_routing.shape:
+        raise ValueError(f"routing shapes differ: {tuple(old_routing.shape)} vs {tuple(new_routing.shape)}")
+    old_sorted = old_routing.sort(dim=-1).values
+    new_sorted = new_routing.sort(dim=-1).values
+    changed = (old_sorted != new_sorted).any(dim=-1).float()  # [L, B, T]
+    weights = mask.to(changed.device, torch.float32)  # [B, T]
+    per_layer = (changed * weights).sum(dim=(1, 2)) / weights.sum().clamp(min=1.0)  # [L]
+    return per_layer.mean().item(), per_layer.tolist()
+
+
+def expert_load_entropy(routing: torch.Tensor, mask: torch.Tensor, num_experts: int) -> list[float]:
+    """Per layer, the entropy of expert usage over masked tokens divided by log(E):
+    1 = perfectly balanced load, 0 = every token goes to the same k experts."""
+    if num_experts < 2:
+        raise ValueError(f"num_experts must be >= 2, got {num_experts}")
+    if routing.numel() and int(routing.max()) >= num_experts:
+        raise ValueError(f"routing holds expert {int(routing.max())} but num_experts={num_experts}")
+    selected = routing.long().clamp(min=0)  # [L, B, T, k]
+    weights = mask.to(routing.device, torch.float32)[None, :, :, None] * (routing >= 0)  # skip -1 entries
+    counts = torch.zeros(routing.shape[0], num_experts, device=routing.device)
+    counts.scatter_add_(1, selected.flatten(1), weights.flatten(1))  # [L, E]
+    probs = counts / counts.sum(dim=1, keepdim=True).clamp(min=1.0)
+    entropy = -(probs * probs.clamp(min=1e-30).log()).sum(dim=1)  # [L]
+    return (entropy / torch.log(torch.tensor(float(num_experts)))).tolist()
