@@ -1,0 +1,146 @@
+"""The built-in CPU task ``builtin:arith``: chained integer arithmetic with a worked answer.
+
+Made for a tiny character-level model. A problem is a chain of 1-3 operations written with
+explicit parentheses, so ordinary precedence and the worked left-to-right steps agree:
+
+    prompt:      "(12+7)*3=\\n"
+    completion:  "12+7=19 19*3=57 #### 57"
+    answer:      "57"
+
+Each step "a op b = c" uses the previous result as ``a``; the final answer follows "####" (graded
+exactly by ``sapo.rewards.math_reward``'s fast path). Every character of prompts and completions
+is in ``BUILTIN_ALPHABET``; end-of-sequence is the tokenizer's special token, not a character.
+
+Determinism and splits: problems come from ``random.Random(seed)``; whether a problem is in the
+"train" or the held-out "test" split is fixed by a hash of its prompt (``heldout_split``), so the
+two splits never share a problem. The train split samples i.i.d. (repeats possible); the test split
+holds distinct problems.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass, fields
+
+from sapo.data.example import Example, ExampleList, heldout_split
+
+BUILTIN_ALPHABET = "0123456789+-*=()# \n"
+BUILTIN_ANSWER_FORMAT = "####"
+SPLITS = ("train", "test")
+
+
+@dataclass(frozen=True)
+class ArithDifficulty:
+    min_ops: int = 1  # operations per problem, drawn uniformly in [min_ops, max_ops]
+    max_ops: int = 2
+    operand_min: int = 0  # operands of + and - are drawn from [operand_min, operand_max]
+    operand_max: int = 20
+    mul_operand_max: int = 9  # the right operand of * is drawn from [operand_min, mul_operand_max]
+    operators: str = "+-*"
+
+    def __post_init__(self):
+        if not 1 <= self.min_ops <= self.max_ops:
+            raise ValueError(f"need 1 <= min_ops <= max_ops, got min_ops={self.min_ops}, max_ops={self.max_ops}")
+        if not 0 <= self.operand_min <= self.operand_max:
+            raise ValueError(f"need 0 <= operand_min <= operand_max, got {self.operand_min}, {self.operand_max}")
+        if self.mul_operand_max < self.operand_min:
+            raise ValueError(f"mul_operand_max={self.mul_operand_max} is below operand_min={self.operand_min}")
+        if not self.operators or set(self.operators) - set("+-*"):
+            raise ValueError(f"operators must be a non-empty subset of '+-*', got {self.operators!r}")
+
+
+def _apply(a: int, op: str, b: int) -> int:
+    return a + b if op == "+" else a - b if op == "-" else a * b
+
+
+def _expression(operands: list[int], operators: list[str]) -> str:
+    expr = str(operands[0])
+    for i, (op, b) in enumerate(zip(operators, operands[1:])):
+        expr = f"({expr}){op}{b}" if i > 0 else f"{expr}{op}{b}"
+    return expr
+
+
+def worked_steps(operands: list[int], operators: list[str]) -> tuple[str, int]:
+    """("12+7=19 19*3=57 #### 57", 57) for operands [12, 7, 3] and operators ["+", "*"]."""
+    steps, value = [], operands[0]
+    for op, b in zip(operators, operands[1:]):
+        result = _apply(value, op, b)
+        steps.append(f"{value}{op}{b}={result}")
+        value = result
+    return " ".join(steps) + f" #### {value}", value
+
+
+def parse_prompt(prompt: str) -> tuple[list[int], list[str]]:
+    """Operands and operators of a built-in prompt (inverse of the generator)."""
+    body = prompt.rstrip("\n")
+    if not body.endswith("="):
+        raise ValueError(f"not a built-in arithmetic prompt (expected '...=\\n'): {prompt!r}")
+    tokens = re.findall(r"\d+|[+\-*]", body[:-1].replace("(", "").replace(")", ""))
+    operands, operators = [int(t) for t in tokens[0::2]], tokens[1::2]
+    if len(operands) != len(operators) + 1 or not operators:
+        raise ValueError(f"not a built-in arithmetic prompt: {prompt!r}")
+    return operands, operators
+
+
+def make_example(operands: list[int], operators: list[str], split: str) -> Example:
+    completion, answer = worked_steps(operands, operators)
+    return Example(
+        prompt=_expression(operands, operators) + "=\n",
+        answer=str(answer),
+        meta={"task": "builtin:arith", "split": split, "num_ops": len(operators),
+              "answer_format": BUILTIN_ANSWER_FORMAT, "instruction": ""},
+    )
+
+
+def reference_completion(example: Example) -> str:
+    """The worked completion for the supervised warm start, e.g. "12+7=19 19*3=57 #### 57"."""
+    return worked_steps(*parse_prompt(example.prompt))[0]
+
+
+def _sample(rng: random.Random, d: ArithDifficulty) -> tuple[list[int], list[str]]:
+    n_ops = rng.randint(d.min_ops, d.max_ops)
+    operators = [rng.choice(d.operators) for _ in range(n_ops)]
+    operands = [rng.randint(d.operand_min, d.operand_max)]
+    for op in operators:
+        high = d.mul_operand_max if op == "*" else d.operand_max
+        operands.append(rng.randint(d.operand_min, high))
+    return operands, operators
+
+
+def builtin_dataset(split: str = "train", n: int = 1000, seed: int = 0, *, heldout_fraction: float = 0.2,
+                    **difficulty) -> ExampleList:
+    """``n`` arithmetic problems of one split, deterministic in (split, n, seed, difficulty).
+
+    ``difficulty`` takes the fields of ``ArithDifficulty`` (min_ops, max_ops, operand_min,
+    operand_max, mul_operand_max, operators)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    if not 0.0 < heldout_fraction < 1.0:
+        raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
+    known = {f.name for f in fields(ArithDifficulty)}
+    unknown = sorted(set(difficulty) - known)
+    if unknown:
+        raise ValueError(f"unknown difficulty knob(s) {unknown}; known: {sorted(known)}")
+    d = ArithDifficulty(**difficulty)
+    rng = random.Random(seed)
+    examples = ExampleList(source=f"builtin:arith[{split}]")
+    seen: set[str] = set()
+    attempts, max_attempts = 0, 200 * n + 1000
+    while len(examples) < n:
+        attempts += 1
+        if attempts > max_attempts:
+            raise ValueError(f"builtin:arith found only {len(examples)} distinct {split} problems of the "
+                             f"{n} asked at this difficulty ({d}); ask for fewer or widen the operand range")
+        operands, operators = _sample(rng, d)
+        example = make_example(operands, operators, split)
+        if heldout_split(example.prompt, heldout_fraction) != split:
+            continue
+        if split == "test":
+            if example.prompt in seen:
+                continue
+            seen.add(example.prompt)
+        examples.append(example)
+    return examples

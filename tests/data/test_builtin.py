@@ -1,0 +1,81 @@
+import pytest
+
+from sapo.data.builtin import (
+    BUILTIN_ALPHABET,
+    builtin_dataset,
+    parse_prompt,
+    reference_completion,
+    worked_steps,
+)
+from sapo.data.example import Example
+from sapo.rewards.math_reward import MathReward
+
+
+def test_worked_steps_golden():
+    assert worked_steps([12, 7, 3], ["+", "*"]) == ("12+7=19 19*3=57 #### 57", 57)
+    assert worked_steps([3, 7, 2], ["-", "*"]) == ("3-7=-4 -4*2=-8 #### -8", -8)
+    assert reference_completion(Example("((12+7)*3)-4=\n", "53")) == "12+7=19 19*3=57 57-4=53 #### 53"
+
+
+def test_prompt_answer_and_completion_agree():
+    for example in builtin_dataset("train", 300, seed=1):
+        expr = example.prompt[:-2]  # strip "=\n"
+        assert eval(expr) == int(example.answer)  # parentheses make precedence match the steps
+        completion = reference_completion(example)
+        assert completion.endswith(f"#### {example.answer}")
+        assert 12 <= len(completion) <= 40
+        assert set(example.prompt + completion) <= set(BUILTIN_ALPHABET)
+        assert example.meta["answer_format"] == "####"
+
+
+def test_alphabet_is_small_and_unique():
+    assert len(BUILTIN_ALPHABET) < 32
+    assert len(set(BUILTIN_ALPHABET)) == len(BUILTIN_ALPHABET)
+
+
+def test_deterministic_by_seed():
+    a = [e.prompt for e in builtin_dataset("train", 50, seed=3)]
+    assert a == [e.prompt for e in builtin_dataset("train", 50, seed=3)]
+    assert a != [e.prompt for e in builtin_dataset("train", 50, seed=4)]
+
+
+def test_splits_are_disjoint_and_test_is_distinct():
+    train = {e.prompt for e in builtin_dataset("train", 3000, seed=0)}
+    test = [e.prompt for e in builtin_dataset("test", 500, seed=0)]
+    assert len(set(test)) == 500
+    assert not train & set(test)
+    # a different seed draws different problems but never crosses the split
+    assert not train & {e.prompt for e in builtin_dataset("test", 500, seed=7)}
+
+
+def test_difficulty_knobs():
+    examples = builtin_dataset("train", 200, seed=0, min_ops=3, max_ops=3, operators="+", operand_max=5)
+    for e in examples:
+        operands, operators = parse_prompt(e.prompt)
+        assert operators == ["+", "+", "+"]
+        assert max(operands) <= 5
+    with pytest.raises(ValueError, match="unknown difficulty knob"):
+        builtin_dataset("train", 1, num_operations=2)
+    with pytest.raises(ValueError, match="operators"):
+        builtin_dataset("train", 1, operators="/")
+    with pytest.raises(ValueError, match="split"):
+        builtin_dataset("valid", 1)
+
+
+def test_too_small_problem_space_fails_clearly():
+    with pytest.raises(ValueError, match="distinct test problems"):
+        builtin_dataset("test", 50, min_ops=1, max_ops=1, operand_max=2, operators="+")
+
+
+def test_graded_exactly_by_the_fast_path():
+    examples = builtin_dataset("test", 100, seed=0)
+    reward = MathReward(num_workers=1)
+    try:
+        completions = [reference_completion(e) for e in examples]
+        assert reward([e.prompt for e in examples], completions, [e.answer for e in examples]) == [1.0] * 100
+        wrong = [c.rsplit(" ", 1)[0] + " " + str(int(e.answer) + 1) for c, e in zip(completions, examples)]
+        assert reward([""] * 100, wrong, [e.answer for e in examples]) == [0.0] * 100
+        assert reward.metrics()["math/fast_path"] == 200
+        assert reward.metrics()["math/verify_calls"] == 0
+    finally:
+        reward.close()
