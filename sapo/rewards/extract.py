@@ -18,24 +18,23 @@ BOX_COMMANDS = ("\\boxed", "\\fbox")
 # An extracted answer longer than this is not a final answer; it is treated as "no answer".
 MAX_ANSWER_CHARS = 1000
 
+_BRACE_RE = re.compile(r"\\[{}]|[{}]")
+# Only the end of a longer text is searched: a final answer is at the end.
+MAX_TEXT_CHARS = 1_000_000
 _ANSWER_IS_RE = re.compile(r"the\s+(?:final\s+)?answer\s+is\b[:\s]*", re.IGNORECASE)
 
 
 def _matching_braces(text: str) -> dict[int, int]:
-    """Map each '{' index to its matching '}' index (one pass, explicit stack, no recursion)."""
+    """Map each '{' index to its matching '}' index (one pass over the braces, no recursion)."""
     match: dict[int, int] = {}
     stack: list[int] = []
-    i, n = 0, len(text)
-    while i < n:
-        ch = text[i]
-        if ch == "\\" and i + 1 < n and text[i + 1] in "{}":
-            i += 2  # escaped brace \{ or \} is literal text, not grouping
-            continue
+    for brace in _BRACE_RE.finditer(text):
+        ch = brace.group()
         if ch == "{":
-            stack.append(i)
+            stack.append(brace.start())
         elif ch == "}" and stack:
-            match[stack.pop()] = i
-        i += 1
+            match[stack.pop()] = brace.start()
+        # an escaped brace \{ or \} is literal text, not grouping
     return match
 
 
@@ -113,6 +112,7 @@ def extract_answer(text: str) -> str | None:
     """The final answer in ``text``, or None when there is none (see the module docstring)."""
     if not isinstance(text, str) or not text:
         return None
+    text = text[-MAX_TEXT_CHARS:]
     boxed = find_boxed(text)
     if boxed:
         return _clean(boxed[-1])
