@@ -1,6 +1,9 @@
+import sys
+
 import pytest
 import torch
 
+import sapo.ops
 from sapo.ops import token_logprobs
 from sapo.ops.logprobs import TORCH_KERNELS, resolve_chunk_size, select_kernels
 
@@ -115,6 +118,16 @@ def test_kernel_selection_and_chunk_size():
     assert resolve_chunk_size(None, 10, 151_936, torch.device("cpu")) == 10
     assert resolve_chunk_size(None, 100_000, 10**7, torch.device("cpu")) == 64
     assert resolve_chunk_size(5, 100, 10, torch.device("cpu")) == 5
+
+
+def test_works_without_triton(monkeypatch):
+    """Without triton, CUDA tensors fall back to PyTorch and backend='triton' says what to install."""
+    monkeypatch.setitem(sys.modules, "triton", None)  # import triton now raises ImportError
+    monkeypatch.delitem(sys.modules, "sapo.ops.triton_logprobs", raising=False)
+    monkeypatch.delattr(sapo.ops, "triton_logprobs", raising=False)
+    assert select_kernels(torch.device("cuda")) is TORCH_KERNELS
+    with pytest.raises(ImportError, match="pip install triton"):
+        select_kernels(torch.device("cpu"), "triton")
 
 
 @pytest.mark.parametrize(
