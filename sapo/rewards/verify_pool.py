@@ -66,10 +66,16 @@ class _Worker:
         self.process = ctx.Process(target=_worker_main, args=(child_conn, compare_fn), daemon=True)
         self.process.start()
         child_conn.close()
-        if not self.conn.poll(startup_timeout_s):
-            self.kill()
-            raise RuntimeError(f"math-verify worker did not start within {startup_timeout_s} s")
-        self.conn.recv()
+        self.startup_timeout_s = startup_timeout_s
+
+    def wait_ready(self) -> None:
+        if not self.conn.poll(self.startup_timeout_s):
+            raise RuntimeError(f"math-verify worker did not start within {self.startup_timeout_s} s")
+        try:
+            self.conn.recv()
+        except (EOFError, OSError) as err:
+            raise RuntimeError("math-verify worker exited while starting (is math-verify installed? "
+                               "pip install 'math-verify[antlr4_13_2]')") from err
 
     def kill(self) -> None:
         self.process.kill()
@@ -106,6 +112,19 @@ class VerifyPool:
         self._lock = threading.Lock()
         self.counters = {"calls": 0, "timeouts": 0, "crashes": 0}
 
+    def _fill(self, wanted: int) -> None:
+        """Start workers up to ``wanted``, all at once (each warms up for about a second)."""
+        new = [_Worker(self._ctx, self.compare_fn, self.startup_timeout_s)
+               for _ in range(wanted - len(self._workers))]
+        try:
+            for worker in new:
+                worker.wait_ready()
+        except RuntimeError:
+            for worker in new:
+                worker.kill()
+            raise
+        self._workers.extend(new)
+
     def _replace(self, worker: _Worker) -> None:
         worker.kill()
         self._workers.remove(worker)
@@ -116,8 +135,7 @@ class VerifyPool:
         if not pairs:
             return results
         with self._lock:
-            while len(self._workers) < min(self.num_workers, len(pairs)):
-                self._workers.append(_Worker(self._ctx, self.compare_fn, self.startup_timeout_s))
+            self._fill(min(self.num_workers, len(pairs)))
             pending = deque(range(len(pairs)))
             busy: dict[Connection, tuple[_Worker, int, float]] = {}  # conn -> (worker, task index, deadline)
             while pending or busy:
@@ -144,8 +162,7 @@ class VerifyPool:
                         busy.pop(conn)
                         self.counters["timeouts"] += 1
                         self._replace(worker)
-                while len(self._workers) < min(self.num_workers, len(pending) + len(busy)):
-                    self._workers.append(_Worker(self._ctx, self.compare_fn, self.startup_timeout_s))
+                self._fill(min(self.num_workers, len(pending) + len(busy)))
         return results
 
     def close(self) -> None:

@@ -43,3 +43,14 @@ def test_rejects_bad_settings():
         VerifyPool(num_workers=0)
     with pytest.raises(ValueError, match="timeout_s"):
         VerifyPool(timeout_s=0)
+
+
+def broken_compare(gold: str, pred: str) -> bool:
+    os._exit(1)
+
+
+def test_worker_that_cannot_start_raises_clearly():
+    pool = VerifyPool(num_workers=1, timeout_s=1.0, compare_fn=broken_compare)
+    with pytest.raises(RuntimeError, match="exited while starting"):
+        pool.verify_many([("1", "1")])
+    assert pool._workers == []
