@@ -88,34 +88,53 @@ class RoutingRecord:
 
     Several calls (prefill, then one call per decode step) are joined along the sequence axis, so
     one forward of `[B, T]` or one generation gives `experts` of shape `[L, B, T_total, k]`.
+    A generation engine whose finished rows leave the batch calls `select_rows(rows)` before the
+    forwards that cover only `rows` of the original batch; positions a row did not reach hold -1.
     """
 
     num_experts: int
     top_k: int
-    experts_calls: list[list[torch.Tensor]] = field(default_factory=list)  # [L][call] -> [B, t, k]
-    logits_calls: list[list[torch.Tensor]] = field(default_factory=list)  # [L][call] -> [B, t, E] fp32
+    experts_calls: list[list[torch.Tensor]] = field(default_factory=list)  # [L][call] -> [b, t, k]
+    logits_calls: list[list[torch.Tensor]] = field(default_factory=list)  # [L][call] -> [b, t, E] fp32
+    rows_calls: list[torch.Tensor | None] = field(default_factory=list)  # [call] -> [b] original rows
+    current_rows: torch.Tensor | None = None
 
-    @staticmethod
-    def _join(calls: list[list[torch.Tensor]], what: str) -> torch.Tensor:
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """The next forwards run on these rows (indices into the first call's batch)."""
+        self.current_rows = rows.detach().to("cpu", torch.long)
+
+    def _join(self, calls: list[list[torch.Tensor]], fill: float, what: str) -> torch.Tensor:
         if not calls or not calls[0]:
             raise ValueError(f"no {what} recorded: run a forward of the model inside the context")
-        rows = {c.shape[0] for layer in calls for c in layer}
-        if len(rows) != 1:
-            raise ValueError(
-                f"forward calls in one record had different batch sizes {sorted(rows)}; record each "
-                "forward in its own context (rows that leave a generation batch are not supported)"
-            )
-        return torch.stack([torch.cat(layer, dim=1) for layer in calls])  # [L, B, T, *]
+        rows_calls = self.rows_calls[: len(calls[0])]
+        if all(rows is None for rows in rows_calls):
+            sizes = {c.shape[0] for layer in calls for c in layer}
+            if len(sizes) != 1:
+                raise ValueError(
+                    f"forward calls in one record had different batch sizes {sorted(sizes)}; record each "
+                    "forward in its own context, or call record.select_rows(rows) when rows leave the batch"
+                )
+            return torch.stack([torch.cat(layer, dim=1) for layer in calls])  # [L, B, T, *]
+        first = calls[0][0]
+        batch, length = first.shape[0], sum(c.shape[1] for c in calls[0])
+        joined = first.new_full((len(calls), batch, length, first.shape[2]), fill)  # [L, B, T, *]
+        for layer, layer_calls in enumerate(calls):
+            start = 0
+            for call, rows in zip(layer_calls, rows_calls):
+                rows = torch.arange(batch) if rows is None else rows
+                joined[layer, rows.to(joined.device), start : start + call.shape[1]] = call
+                start += call.shape[1]
+        return joined
 
     @property
     def experts(self) -> torch.Tensor:
         """Selected experts `[L, B, T, k]` (int8 or int16), in the router's top-k order."""
-        return self._join(self.experts_calls, "routing")
+        return self._join(self.experts_calls, UNSET, "routing")
 
     @property
     def router_logits(self) -> torch.Tensor:
-        """Router logits `[L, B, T, E]` float32 (only with `with_logits=True`)."""
-        return self._join(self.logits_calls, "router logits (pass with_logits=True)")
+        """Router logits `[L, B, T, E]` float32 (only with `with_logits=True`; NaN where unreached)."""
+        return self._join(self.logits_calls, float("nan"), "router logits (pass with_logits=True)")
 
 
 def _router_logits(router: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
@@ -181,6 +200,8 @@ def _routing_hooks(
             in_backward = torch._C._current_graph_task_id() != -1  # activation-checkpoint recompute
             logits = None
             if not in_backward:
+                if index == 0:
+                    record.rows_calls.append(record.current_rows)
                 record.experts_calls[index].append(chosen.detach().reshape(batch, length, -1).to(store))
             if with_logits or replay is not None:
                 logits = _router_logits(router, args[0])  # [N, E]

@@ -236,3 +236,23 @@ def test_replay_shape_is_checked(batch):
         model(input_ids=input_ids)
     with pytest.raises(ValueError, match="no MoE layers"), record_routing(build_tiny_model("qwen3", 64)):
         pass
+
+
+def test_r3_rows_that_leave_the_batch_are_placed_by_select_rows():
+    model = _model().eval()
+    prompt = torch.randint(4, 64, (3, 4), generator=torch.Generator().manual_seed(5))
+    step = torch.randint(4, 64, (2, 1), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        with record_routing(model) as generation:
+            model(input_ids=prompt)  # "prefill" of all 3 rows
+            generation.select_rows(torch.tensor([0, 2]))  # row 1 finished
+            model(input_ids=step)  # "decode step" of rows 0 and 2
+        with record_routing(model) as prefill:
+            model(input_ids=prompt)
+        with record_routing(model) as decode:
+            model(input_ids=step)
+    routing = generation.experts
+    assert routing.shape == (4, 3, 5, 2)
+    assert torch.equal(routing[:, :, :4], prefill.experts)
+    assert torch.equal(routing[:, [0, 2], 4:], decode.experts)
+    assert (routing[:, 1, 4] == -1).all()
