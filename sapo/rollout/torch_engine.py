@@ -15,6 +15,8 @@ desynchronise them. Use ``make_engine("hf", model)`` for those prompts.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
@@ -69,6 +71,11 @@ def _select_rows(cache: DynamicCache, rows: torch.Tensor) -> None:
         layer.batch_select_indices(rows)
 
 
+def _cache_kwarg(model: torch.nn.Module) -> str:
+    """transformers >= 5.24 names the cache argument ``cache``; older 5.x call it ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
 class TorchEngine:
     """Batched sampling with a KV cache; finished rows leave the batch.
 
@@ -81,6 +88,7 @@ class TorchEngine:
         self.model = model
         self.cache_kind = cache
         self._forward = torch.compile(model, dynamic=True) if compile else model
+        self._cache_kwarg = _cache_kwarg(model)
 
     def generate(
         self,
@@ -145,7 +153,7 @@ class TorchEngine:
         cache = _make_cache(self.model, total_len, self.cache_kind)
         logits = self.model(
             input_ids=input_ids, attention_mask=attention_mask[:, :prompt_len], position_ids=position_ids,
-            past_key_values=cache, use_cache=True, logits_to_keep=1,
+            use_cache=True, logits_to_keep=1, **{self._cache_kwarg: cache},
         ).logits[:, -1]  # [B, V]
         next_position = position_ids[:, -1] + 1  # [B]
         for step in range(max_new_tokens):
@@ -171,7 +179,7 @@ class TorchEngine:
             attention_mask[:, width - 1] = 1
             logits = self._forward(
                 input_ids=token[:, None], attention_mask=attention_mask[:, :width],
-                position_ids=next_position[:, None], past_key_values=cache, use_cache=True,
+                position_ids=next_position[:, None], use_cache=True, **{self._cache_kwarg: cache},
             ).logits[:, -1]  # [b, V]
             next_position = next_position + 1
         return out_tokens.cpu(), out_logprobs.cpu(), lengths.cpu(), hit_eos.cpu()

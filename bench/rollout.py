@@ -1,0 +1,110 @@
+"""Rollout throughput: our torch engine vs HF ``generate`` on the same model and prompts, same run.
+
+Runs alternate (hf, torch, hf, torch, ...) after one warm-up each; the table shows median generated
+tokens/s (completion tokens actually returned, EOS included) and the ratio torch / hf.
+
+Two EOS settings per model: ``eos=1 id`` (a random model almost never emits it, so every row runs to
+max_new_tokens) and ``eos=V/64 ids`` (each step stops a row with probability ~1/64, so completion lengths
+spread out as in RL rollouts; this is where finished rows leaving the batch pays).
+
+    python bench/rollout.py                       # CPU: tiny Qwen3-MoE and a small dense Qwen3, fp32
+    python bench/rollout.py --device cuda         # GPU: Qwen3-0.6B-shaped random model, bf16, 64 x 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+from sapo.rollout import make_engine
+
+
+def cpu_models() -> dict[str, torch.nn.Module]:
+    moe = Qwen3MoeConfig(
+        vocab_size=2048, hidden_size=128, intermediate_size=256, moe_intermediate_size=128, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=32, num_experts=8, num_experts_per_tok=2,
+        max_position_embeddings=1024, tie_word_embeddings=True, experts_implementation="grouped_mm",
+    )
+    dense = Qwen3Config(
+        vocab_size=8192, hidden_size=256, intermediate_size=768, num_hidden_layers=4, num_attention_heads=8,
+        num_key_value_heads=4, head_dim=32, max_position_embeddings=1024, tie_word_embeddings=True,
+    )
+    return {"qwen3-moe-tiny": Qwen3MoeForCausalLM(moe), "qwen3-dense-small": Qwen3ForCausalLM(dense)}
+
+
+def gpu_models() -> dict[str, torch.nn.Module]:
+    # Qwen3-0.6B shapes (random weights: the hub is unreachable).
+    config = Qwen3Config(
+        vocab_size=151936, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+        num_key_value_heads=8, head_dim=128, max_position_embeddings=4096, tie_word_embeddings=True,
+        rope_theta=1000000.0,
+    )
+    return {"qwen3-0.6b-shape": Qwen3ForCausalLM(config)}
+
+
+def timed_run(engine, prompts, eos_ids, args, seed: int) -> tuple[float, int]:
+    generator = torch.Generator(device=args.device).manual_seed(seed)
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    batch = engine.generate(
+        prompts, max_new_tokens=args.new_tokens, temperature=1.0, eos_token_ids=eos_ids, pad_token_id=0,
+        generator=generator,
+    )
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, batch.num_completion_tokens
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--new-tokens", type=int, default=None, help="default 96 on CPU, 256 on CUDA")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cache", default="static", choices=["static", "dynamic"])
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (GPU)")
+    args = parser.parse_args()
+    args.new_tokens = args.new_tokens or (256 if args.device == "cuda" else 96)
+    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    torch.manual_seed(0)
+    models = gpu_models() if args.device == "cuda" else cpu_models()
+
+    rows = []
+    for name, model in models.items():
+        model = model.to(args.device, dtype).eval()
+        vocab = model.config.vocab_size
+        g = torch.Generator().manual_seed(0)
+        lengths = torch.randint(16, 65, (args.batch,), generator=g).tolist()  # prompts of 16..64 tokens
+        prompts = [torch.randint(1, vocab, (n,), generator=g).tolist() for n in lengths]
+        engines = {"hf": make_engine("hf", model), "torch": make_engine("torch", model, cache=args.cache,
+                                                                          compile=args.compile)}
+        for eos_label, eos_ids in (("1 id", [vocab - 1]), ("V/64 ids", list(range(vocab - vocab // 64, vocab)))):
+            speeds: dict[str, list[float]] = {"hf": [], "torch": []}
+            tokens: dict[str, list[int]] = {"hf": [], "torch": []}
+            for repeat in range(args.repeats + 1):  # repeat 0 is the warm-up
+                for engine_name, engine in engines.items():
+                    seconds, n_tokens = timed_run(engine, prompts, eos_ids, args, seed=repeat)
+                    if repeat > 0:
+                        speeds[engine_name].append(n_tokens / seconds)
+                        tokens[engine_name].append(n_tokens)
+            hf, ours = statistics.median(speeds["hf"]), statistics.median(speeds["torch"])
+            rows.append((name, eos_label, statistics.median(tokens["hf"]), statistics.median(tokens["torch"]),
+                         hf, ours, ours / hf))
+            print(f"{name} eos={eos_label}: hf {hf:.0f} tok/s, torch {ours:.0f} tok/s, x{ours / hf:.2f}", flush=True)
+
+    print(f"\ndevice={args.device} dtype={dtype} batch={args.batch} new_tokens={args.new_tokens} "
+          f"cache={args.cache} compile={args.compile} threads={torch.get_num_threads()} repeats={args.repeats}")
+    header = f"{'model':<18} {'eos':<9} {'hf tokens':>9} {'ours tokens':>11} {'hf tok/s':>9} {'ours tok/s':>10} {'ratio':>6}"
+    print(header)
+    print("-" * len(header))
+    for name, eos_label, hf_tokens, our_tokens, hf, ours, ratio in rows:
+        print(f"{name:<18} {eos_label:<9} {hf_tokens:>9.0f} {our_tokens:>11.0f} {hf:>9.0f} {ours:>10.0f} {ratio:>6.2f}")
+
+
+if __name__ == "__main__":
+    main()

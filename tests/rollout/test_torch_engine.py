@@ -1,0 +1,116 @@
+import pytest
+import torch
+from conftest import VOCAB
+
+from sapo.rollout import HFEngine, TorchEngine, make_engine
+
+UNUSED_EOS = [VOCAB + 7]  # outside the vocabulary: never produced
+
+
+def greedy(engine, prompts, eos, max_new_tokens=12):
+    return engine.generate(prompts, max_new_tokens=max_new_tokens, eos_token_ids=eos, pad_token_id=0, greedy=True)
+
+
+def teacher_forced_logprobs(model, batch, temperature):
+    """Log-probs of the completion tokens from one plain forward over prompt + completion."""
+    packed = batch.to_padded(pad_id=0)
+    with torch.no_grad():
+        logits = model(input_ids=packed["input_ids"], attention_mask=packed["attention_mask"],
+                       position_ids=packed["position_ids"]).logits  # [B, T, V]
+    logprobs = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
+    token_logprobs = logprobs.gather(-1, packed["input_ids"][:, 1:, None]).squeeze(-1)  # [B, T-1]
+    mask = packed["completion_mask"][:, 1:].bool()
+    return token_logprobs[mask], packed["sampler_logprobs"][:, 1:][mask]
+
+
+def test_greedy_matches_hf_generate_with_eos_stopping(model, prompts):
+    free = greedy(TorchEngine(model), prompts, UNUSED_EOS)
+    assert free.completion_ids == greedy(HFEngine(model), prompts, UNUSED_EOS).completion_ids
+    assert all(len(c) == 12 for c in free.completion_ids) and all(free.truncated)
+    eos = free.completion_ids[1][3]  # a token the model does emit: row 1 stops at step 4 (or earlier)
+    ours, ref = greedy(TorchEngine(model), prompts, [eos]), greedy(HFEngine(model), prompts, [eos])
+    assert ours.completion_ids == ref.completion_ids
+    assert ours.truncated == ref.truncated
+    assert len(ours.completion_ids[1]) <= 4 and ours.completion_ids[1][-1] == eos
+    assert ours.truncated[1] is False and any(ours.truncated)  # some rows stopped early, some did not
+    for row, truncated in zip(ours.completion_ids, ours.truncated):
+        assert (eos not in row) == truncated and (eos not in row[:-1])
+    for a, b in zip(ours.sampler_logprobs, ref.sampler_logprobs):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("cache", ["static", "dynamic"])
+def test_sampler_logprobs_equal_teacher_forced(model, prompts, cache):
+    engine = TorchEngine(model, cache=cache)
+    batch = engine.generate(prompts, max_new_tokens=10, temperature=0.7, eos_token_ids=[5, 17, 33],
+                            pad_token_id=0, generator=torch.Generator().manual_seed(0))
+    expected, got = teacher_forced_logprobs(model, batch, temperature=0.7)
+    assert expected.numel() == batch.num_completion_tokens
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_static_and_dynamic_cache_agree(model, prompts):
+    args = {"max_new_tokens": 10, "eos_token_ids": [5, 17, 33], "pad_token_id": 0, "top_k": 20}
+    a = TorchEngine(model, cache="static").generate(prompts, generator=torch.Generator().manual_seed(1), **args)
+    b = TorchEngine(model, cache="dynamic").generate(prompts, generator=torch.Generator().manual_seed(1), **args)
+    assert a.completion_ids == b.completion_ids
+
+
+def test_seeded_sampling_is_reproducible(model, prompts):
+    engine = make_engine("torch", model)
+    args = {"max_new_tokens": 10, "eos_token_ids": [5], "pad_token_id": 0, "top_p": 0.9}
+    a = engine.generate(prompts, generator=torch.Generator().manual_seed(3), **args)
+    b = engine.generate(prompts, generator=torch.Generator().manual_seed(3), **args)
+    c = engine.generate(prompts, generator=torch.Generator().manual_seed(4), **args)
+    assert a == b and a.completion_ids != c.completion_ids
+
+
+def test_first_token_frequencies_match_softmax(model):
+    prompt, n, temperature = [3, 9, 27, 4], 3000, 1.5
+    batch = TorchEngine(model).generate([prompt] * n, max_new_tokens=1, temperature=temperature,
+                                        eos_token_ids=UNUSED_EOS, pad_token_id=0,
+                                        generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        probs = torch.softmax(model(torch.tensor([prompt])).logits[0, -1] / temperature, dim=-1).double()
+    counts = torch.bincount(torch.tensor([c[0] for c in batch.completion_ids]), minlength=VOCAB).double()
+    chi2 = ((counts - n * probs) ** 2 / (n * probs)).sum().item()
+    assert chi2 < 130  # 63 degrees of freedom: mean 63, sd 11
+
+
+def test_top_k_samples_stay_in_top_k(model, prompts):
+    batch = TorchEngine(model).generate(prompts, max_new_tokens=6, top_k=3, eos_token_ids=UNUSED_EOS,
+                                        pad_token_id=0, generator=torch.Generator().manual_seed(0))
+    packed = batch.to_padded(pad_id=0)
+    with torch.no_grad():
+        logits = model(input_ids=packed["input_ids"], attention_mask=packed["attention_mask"],
+                       position_ids=packed["position_ids"]).logits[:, :-1]  # [B, T-1, V]
+    top3 = logits.topk(3, dim=-1).indices  # [B, T-1, 3]
+    in_top3 = (top3 == packed["input_ids"][:, 1:, None]).any(-1)
+    assert in_top3[packed["completion_mask"][:, 1:].bool()].all()
+
+
+def test_truncated_flags_and_lengths(model, prompts):
+    batch = TorchEngine(model).generate(prompts, max_new_tokens=3, eos_token_ids=UNUSED_EOS, pad_token_id=0,
+                                        generator=torch.Generator().manual_seed(0))
+    assert batch.truncated == [True] * len(prompts)
+    assert [len(c) for c in batch.completion_ids] == [3] * len(prompts)
+    assert batch.prompt_ids == prompts
+
+
+def test_restores_train_mode_and_builds_no_graph(model, prompts):
+    model.train()
+    batch = TorchEngine(model).generate(prompts, max_new_tokens=2, eos_token_ids=[1], pad_token_id=0)
+    assert model.training
+    model.eval()
+    assert isinstance(batch.sampler_logprobs[0][0], float)
+
+
+def test_multimodal_prompts_point_to_hf_engine(model, prompts):
+    with pytest.raises(NotImplementedError, match="make_engine\\('hf', model\\)"):
+        TorchEngine(model).generate(prompts, max_new_tokens=2, eos_token_ids=[1], pad_token_id=0,
+                                    extra_inputs=[{"pixel_values": torch.zeros(1)}] * len(prompts))
+
+
+def test_unknown_cache_kind():
+    with pytest.raises(ValueError, match="cache must be 'static' or 'dynamic'"):
+        TorchEngine(torch.nn.Linear(1, 1), cache="paged")
