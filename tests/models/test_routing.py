@@ -66,10 +66,12 @@ def test_record_shapes_and_storage_dtype(batch):
     assert record.experts.dtype == torch.int16 and int(record.experts.max()) < 130
 
 
-@pytest.mark.parametrize("norm_topk_prob", [True, False])
-def test_replay_with_unchanged_weights_is_bit_identical(batch, norm_topk_prob):
+@pytest.mark.parametrize(
+    "norm_topk_prob, dtype", [(True, torch.float32), (False, torch.float32), (True, torch.bfloat16)]
+)
+def test_replay_with_unchanged_weights_is_bit_identical(batch, norm_topk_prob, dtype):
     input_ids, attention_mask = batch
-    model = _model(norm_topk_prob=norm_topk_prob)
+    model = _model(norm_topk_prob=norm_topk_prob).to(dtype)
     with torch.no_grad():
         with record_routing(model) as record:
             reference = model(input_ids=input_ids, attention_mask=attention_mask).logits
