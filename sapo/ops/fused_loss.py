@@ -18,6 +18,7 @@ from sapo.ops.logprobs import (
     ChunkKernels,
     accumulate_grads,
     check_inputs,
+    grad_buffers,
     resolve_chunk_size,
     select_kernels,
 )
@@ -49,8 +50,7 @@ class _FusedTokenPolicyLoss(torch.autograd.Function):
         inv_temperature = 1.0 / temperature
         logp = hidden.new_empty(n, dtype=torch.float32)  # [N]
         entropy = hidden.new_empty(n, dtype=torch.float32) if with_entropy else None  # [N]
-        grad_hidden = torch.empty_like(hidden) if need_h else None  # [N, d]
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_hidden, grad_weight, _ = grad_buffers(hidden, weight, need_h, need_w, False)
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, n, chunk_size):
             rows = slice(start, min(start + chunk_size, n))
@@ -69,15 +69,7 @@ class _FusedTokenPolicyLoss(torch.autograd.Function):
                 dlogits = kernels.dlogits(
                     hidden[rows], weight_k, None, labels[rows], lse_c, grad_logp, None, None, inv_temperature, z
                 )
-                # matmuls 2 and 3 of 3
-                accumulate_grads(
-                    dlogits,
-                    hidden[rows],
-                    weight_k,
-                    None if grad_hidden is None else grad_hidden[rows],
-                    grad_weight,
-                    None,
-                )
+                accumulate_grads(dlogits, hidden, rows, weight_k, grad_hidden, grad_weight, None)  # matmuls 2, 3
                 del dlogits
             del z
         ctx.save_for_backward(grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype))

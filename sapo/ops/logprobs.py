@@ -152,12 +152,20 @@ def resolve_chunk_size(chunk_size: int | None, num_rows: int, vocab: int, device
     return max(1, min(rows, num_rows))
 
 
-def accumulate_grads(dlogits, hidden_c, weight_mm, grad_hidden_c, grad_weight, grad_bias) -> None:
-    """dL/dhidden = dlogits @ W into grad_hidden_c; dL/dW += dlogits^T @ hidden and dL/db += sum, in float32."""
-    if grad_hidden_c is not None:
-        grad_hidden_c.copy_(dlogits @ weight_mm)  # [n, d]
+def grad_buffers(hidden, weight, need_hidden, need_weight, need_bias):
+    """Gradient buffers: hidden's in its dtype (each row written once), weight's and bias's float32 (summed)."""
+    grad_hidden = torch.empty_like(hidden) if need_hidden else None  # [N, d]
+    grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_weight else None
+    grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_bias else None
+    return grad_hidden, grad_weight, grad_bias
+
+
+def accumulate_grads(dlogits, hidden, rows, weight_mm, grad_hidden, grad_weight, grad_bias) -> None:
+    """dL/dhidden[rows] = dlogits @ W; dL/dW += dlogits^T @ hidden[rows] and dL/db += sum, in float32."""
+    if grad_hidden is not None:
+        grad_hidden[rows] = dlogits @ weight_mm  # [n, d]
     if grad_weight is not None:
-        hidden_mm = hidden_c.to(dlogits.dtype)
+        hidden_mm = hidden[rows].to(dlogits.dtype)
         if dlogits.dtype == torch.float32:
             grad_weight.addmm_(dlogits.T, hidden_mm)  # [V, d]
         else:
@@ -200,9 +208,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         if grad_logp is None and grad_entropy is None:
             return (None,) * 8
         weight_k, bias_k = kernels.prepare(weight, bias)
-        grad_hidden = torch.empty_like(hidden) if need_h else None
-        grad_weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if need_b else None
+        grad_hidden, grad_weight, grad_bias = grad_buffers(hidden, weight, need_h, need_w, need_b)
         n = hidden.shape[0]
         for start in range(0, n, ctx.chunk_size):
             rows = slice(start, min(start + ctx.chunk_size, n))
@@ -217,14 +223,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
                 None if entropy is None else entropy[rows],
                 ctx.inv_temperature,
             )
-            accumulate_grads(
-                dlogits,
-                hidden[rows],
-                weight_k,
-                None if grad_hidden is None else grad_hidden[rows],
-                grad_weight,
-                grad_bias,
-            )
+            accumulate_grads(dlogits, hidden, rows, weight_k, grad_hidden, grad_weight, grad_bias)
             del dlogits
         grad_weight = None if grad_weight is None else grad_weight.to(weight.dtype)
         grad_bias = None if grad_bias is None else grad_bias.to(bias.dtype)
