@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"sapo train: stopped: {err}", file=sys.stderr)
                 return 1
         else:
-            from sapo.eval_cli import run_eval
+            from sapo.evaluate import run_eval
 
             run_eval(cfg)
     except ConfigError as err:

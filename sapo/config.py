@@ -57,6 +57,10 @@ class TrainConfig:
         "none", "MoE routing replay: R2 reuses the old policy's experts in updates",
         ("none", "R2"), group="model",
     )
+    warmstart_steps: int = _opt(
+        300, "supervised warm-start steps for builtin:* models (the starting policy; cached per value)",
+        group="model",
+    )
     logprob_chunk_size: int = _opt(0, "rows per chunk in the log-prob head (0 = automatic)", group="model")
 
     # ---- data -----------------------------------------------------------------------------
@@ -163,7 +167,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         nonneg = ("micro_batch_size", "warmup_steps", "weight_decay", "max_grad_norm", "beta", "eval_steps",
-                  "save_steps", "threads", "lora_rank", "tis_cap", "log_samples", "logprob_chunk_size")
+                  "save_steps", "threads", "lora_rank", "warmstart_steps", "tis_cap", "log_samples", "logprob_chunk_size")
         for name in nonneg:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")

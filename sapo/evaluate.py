@@ -122,3 +122,44 @@ def evaluate(
         for i in range(min(8, len(prompt_ids)))
     ]
     return EvalResult(metrics, [int(round(sum(r))) for r in correct], samples)
+
+
+def run_eval(cfg) -> dict[str, float]:
+    """`sapo eval`: evaluate cfg.model on cfg.eval_dataset (comma-separated for several benchmarks)."""
+    from sapo.config import ConfigError
+    from sapo.rollout import make_engine
+    from sapo.training.policy import load_policy
+    from sapo.training.tasks import load_task
+
+    specs = [s for s in (cfg.eval_dataset or ("builtin:arith" if cfg.dataset == "builtin:arith" else "")).split(",")
+             if s]
+    if not specs:
+        raise ConfigError("sapo eval needs eval_dataset=... (e.g. math500:../shared/data/math500/test.jsonl)")
+    policy = load_policy(cfg)
+    engine = make_engine(cfg.engine, policy.model)
+    temperature = cfg.temperature if cfg.eval_temperature < 0 else cfg.eval_temperature
+    table, all_metrics = [], {}
+    for spec in specs:
+        sub = type(cfg)(**{**cfg.__dict__, "eval_dataset": spec, "dataset": spec})
+        task = load_task(sub, policy.tokenizer, eval_only=True)
+        name = spec.split(":", 1)[0] if ":" in spec else spec
+        result = evaluate(
+            engine, [e.prompt_ids for e in task.eval], [e.prompt_text for e in task.eval],
+            [e.answer for e in task.eval], task.correctness, policy.decode,
+            num_samples=cfg.eval_num_samples, temperature=temperature, max_new_tokens=cfg.max_completion_length,
+            eos_token_ids=policy.eos_token_ids, pad_token_id=policy.pad_token_id,
+            ks=[int(k) for k in cfg.eval_pass_k], greedy=cfg.eval_greedy,
+            generator=torch.Generator().manual_seed(cfg.seed), prefix=f"eval/{name}",
+        )
+        all_metrics.update(result.metrics)
+        table.append((name, result.metrics))
+    ks = [int(k) for k in cfg.eval_pass_k if int(k) != 1]
+    header = "| benchmark | problems | Pass@1 (avg@n) | " + " | ".join(f"pass@{k}" for k in ks) + " | greedy |"
+    print(header)
+    print("|---|---:|---:|" + "---:|" * len(ks) + "---:|")
+    for name, m in table:
+        p = f"eval/{name}"
+        cells = " | ".join(f"{m.get(f'{p}/pass@{k}', float('nan')):.3f}" for k in ks)
+        print(f"| {name} | {int(m[f'{p}/num_problems'])} | {m[f'{p}/pass@1']:.3f} | {cells} | "
+              f"{m.get(f'{p}/greedy', float('nan')):.3f} |")
+    return all_metrics

@@ -103,12 +103,12 @@ class PolicyHandle:
                 logp, _ = self.completion_logprobs(model, part, cfg)
             logps.append(logp)
             if record:
-                routings.append(recorder.routing)
+                routings.append(recorder.experts)
+                self._num_experts = recorder.num_experts
         model.train(was_training)
         out = BehaviourPass(torch.cat(logps), torch.cat(routings, dim=1) if routings else None)
         if out.routing is not None:
-            num_experts = moe.num_experts(model)
-            ent = moe.expert_load_entropy(out.routing, _full_mask(tensors), num_experts)
+            ent = moe.expert_load_entropy(out.routing, _full_mask(tensors), self._num_experts)
             out.metrics["moe/expert_load_entropy"] = float(sum(ent) / len(ent))
         if cfg.tis_cap > 0:
             # trainer vs sampler mismatch, before any update: log pi_old - log pi_sampler
@@ -166,43 +166,42 @@ class PolicyHandle:
         num_sequences = len(rows)
         num_tokens = int(mask_all.sum())
         metrics_rows, losses, finite = [], [], True
-        routing_changed = []
+        routing_changed: list[float] = []
         for micro in self._micro_batches(rows, cfg):
             part = select_rows(tensors, micro)
-            replay = cfg.routing_replay == "R2" and old.routing is not None
-            ctx = contextlib.ExitStack()
-            recorder = None
-            if self.is_moe and old.routing is not None:
-                recorder = ctx.enter_context(moe.record_routing(model))
-            if replay:
-                ctx.enter_context(moe.replay_routing(model, old.routing[:, micro.to(old.routing.device)]))
-            with ctx:
+            old_routing = old.routing[:, micro.to(old.routing.device)] if old.routing is not None else None
+            if cfg.routing_replay == "R2" and old_routing is not None:
+                # R2: the experts pi_old chose; the record holds the current router's own top-k
+                ctx = moe.replay_routing(model, old_routing)
+            elif old_routing is not None:
+                ctx = moe.record_routing(model)
+            else:
+                ctx = contextlib.nullcontext()
+            with ctx as record:  # backward inside: activation checkpointing re-runs the forward
                 logp, entropy = self.completion_logprobs(model, part, cfg, with_entropy=True)
-            mask = part.completion_mask.to(self.device)
-            old_logp = old.old_logprobs[micro.to(self.device)] if old.old_logprobs is not None else logp.detach()
-            token_weights = None
-            if cfg.tis_cap > 0:
-                # truncated importance sampling: pi_old / pi_sampler, capped (sampler/trainer mismatch)
-                sampler = part.sampler_logprobs.to(self.device)
-                token_weights = torch.exp((old_logp - sampler).clamp(max=20.0)).clamp(max=cfg.tis_cap)
-                token_weights = torch.where(mask, token_weights, 0.0)
-            loss, metrics = policy_loss(
-                logp, old_logp, part.advantages.to(self.device), mask, cfg.loss_type,
-                ref_logprobs=ref_logprobs[micro.to(self.device)] if ref_logprobs is not None else None,
-                token_weights=token_weights, num_sequences=num_sequences, num_tokens=num_tokens,
-                **loss_options,
-            )
-            if not torch.isfinite(loss):
-                finite = False
-                break
-            loss.backward()
+                mask = part.completion_mask.to(self.device)
+                old_logp = old.old_logprobs[micro.to(self.device)] if old.old_logprobs is not None else logp.detach()
+                token_weights = None
+                if cfg.tis_cap > 0:
+                    # truncated importance sampling: pi_old / pi_sampler, capped (sampler/trainer mismatch)
+                    sampler = part.sampler_logprobs.to(self.device)
+                    token_weights = torch.exp((old_logp - sampler).clamp(max=20.0)).clamp(max=cfg.tis_cap)
+                    token_weights = torch.where(mask, token_weights, 0.0)
+                loss, metrics = policy_loss(
+                    logp, old_logp, part.advantages.to(self.device), mask, cfg.loss_type,
+                    ref_logprobs=ref_logprobs[micro.to(self.device)] if ref_logprobs is not None else None,
+                    token_weights=token_weights, num_sequences=num_sequences, num_tokens=num_tokens,
+                    **loss_options,
+                )
+                if not torch.isfinite(loss):
+                    finite = False
+                    break
+                loss.backward()
             losses.append(loss.detach())
             if entropy is not None and mask.any():
                 metrics["entropy/mean"] = entropy[mask].mean().item()
-            if recorder is not None:
-                frac, _ = moe.routing_changed_fraction(
-                    old.routing[:, micro.to(old.routing.device)], recorder.routing, _full_mask(part)
-                )
+            if old_routing is not None:
+                frac, _ = moe.routing_changed_fraction(old_routing, record.experts, _full_mask(part))
                 routing_changed.append(frac)
             metrics_rows.append(metrics)
         grad_norm = float("nan")
@@ -253,11 +252,11 @@ def load_policy(cfg: TrainConfig) -> PolicyHandle:
 
     spec = cfg.model
     if spec.startswith("builtin:"):
-        from sapo.training.warmstart import BUILTIN_MODELS, builtin_model_path
+        from sapo.training.warmstart import BUILTIN_MODELS, WarmStartRecipe, builtin_model_path
 
         if spec not in BUILTIN_MODELS:
             raise ConfigError(f"model={spec!r}: unknown built-in model; choose one of {', '.join(BUILTIN_MODELS)}")
-        spec = str(builtin_model_path(spec))
+        spec = str(builtin_model_path(spec, WarmStartRecipe(steps=cfg.warmstart_steps)))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         model, tokenizer = load_model(spec, dtype=cfg.dtype, device=device)

@@ -37,8 +37,9 @@ def _load_examples(spec: str, cfg: TrainConfig, split: str, n: int):
     if spec == "builtin:arith":
         return builtin_dataset(split, n, seed=cfg.seed)
     try:
+        extra = {"split": split, "n": n} if spec.startswith("reasoning_gym:") else {}
         return load_dataset_spec(spec, prompt_field=cfg.prompt_field or None,
-                                 answer_field=cfg.answer_field or None, seed=cfg.seed)
+                                 answer_field=cfg.answer_field or None, seed=cfg.seed, **extra)
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"dataset {spec!r}: {err}") from err
 
@@ -63,8 +64,8 @@ def tokenize_examples(examples, tokenizer, cfg: TrainConfig, processor=None) -> 
     return items, too_long
 
 
-def load_task(cfg: TrainConfig, tokenizer, processor=None) -> TaskData:
-    train_examples = _load_examples(cfg.dataset, cfg, "train", cfg.train_size)
+def load_task(cfg: TrainConfig, tokenizer, processor=None, *, eval_only: bool = False) -> TaskData:
+    train_examples = [] if eval_only else _load_examples(cfg.dataset, cfg, "train", cfg.train_size)
     eval_spec = cfg.eval_dataset or ("builtin:arith" if cfg.dataset == "builtin:arith" else "")
     eval_examples = _load_examples(eval_spec, cfg, "test", cfg.eval_num_problems) if eval_spec else []
     if cfg.eval_steps and eval_examples and len(eval_examples) > cfg.eval_num_problems:
@@ -74,7 +75,7 @@ def load_task(cfg: TrainConfig, tokenizer, processor=None) -> TaskData:
     if train_long or eval_long:
         warnings.warn(f"skipped {train_long} training and {eval_long} evaluation prompts longer than "
                       f"max_prompt_length={cfg.max_prompt_length} tokens", stacklevel=2)
-    if not train:
+    if not train and not eval_only:
         raise ConfigError(f"dataset {cfg.dataset!r} has no usable prompts (after skipping {train_long} too long)")
     runner = RewardRunner(cfg.rewards, cfg.reward_weights or None, timeout_s=cfg.reward_timeout)
     return TaskData(train, evals, runner, math_reward,
