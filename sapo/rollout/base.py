@@ -101,6 +101,30 @@ class RolloutBatch:
         return {name: tensor.to(device) for name, tensor in out.items()}
 
 
+# Extra inputs with one entry per prompt token: left-padded with 0 like the prompt.
+TOKEN_ALIGNED_INPUTS = ("mm_token_type_ids", "token_type_ids")
+
+
+def collate_extra_inputs(extra_inputs: list[dict], prompt_lengths: list[int], device) -> dict:
+    """Merge per-row extra inputs: token-aligned ones are left-padded to [B, P], others concatenated on dim 0."""
+    prompt_len = max(prompt_lengths)
+    keys = sorted({key for row in extra_inputs for key in row})
+    merged = {}
+    for key in keys:
+        if key in TOKEN_ALIGNED_INPUTS:
+            padded = torch.zeros((len(extra_inputs), prompt_len), dtype=torch.long)  # [B, P]
+            for i, (row, length) in enumerate(zip(extra_inputs, prompt_lengths)):
+                if key in row:
+                    values = torch.as_tensor(row[key]).reshape(-1)
+                    if values.numel() != length:
+                        raise ValueError(f"extra_inputs[{i}][{key!r}] has {values.numel()} ids, prompt has {length}")
+                    padded[i, prompt_len - length :] = values
+            merged[key] = padded.to(device)
+        else:
+            merged[key] = torch.cat([torch.as_tensor(row[key]) for row in extra_inputs if key in row]).to(device)
+    return merged
+
+
 class RolloutEngine(Protocol):
     """Anything that samples completions from the live model."""
 

@@ -8,9 +8,12 @@ KV cache: ``cache="static"`` (default) preallocates [B, H, P + max_new_tokens, D
 each step in place; ``cache="dynamic"`` uses HF's ``DynamicCache``, which concatenates (copies the
 whole cache) every step. Models with sliding-window or linear-attention layers always use the dynamic one.
 
-Multimodal prompts (Qwen3-VL ``pixel_values`` ...) are not supported here: Qwen3-VL keeps 3-D mrope
-``rope_deltas`` inside the model between prefill and decode, per batch row, and dropping rows would
-desynchronise them. Use ``make_engine("hf", model)`` for those prompts.
+Multimodal prompts (Qwen3-VL: ``pixel_values``, ``image_grid_thw``, ``mm_token_type_ids`` in
+``extra_inputs``): we compute the 3-D mrope positions of the prompts with the model's own
+``get_rope_index`` and pass them explicitly, then decode from each row's largest position + 1. The
+model's stored ``rope_deltas`` are never used, so dropping finished rows cannot desynchronise them.
+Models that take extra inputs but have no ``get_rope_index`` raise NotImplementedError: use
+``make_engine("hf", model)`` for those.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from sapo.rollout.base import RolloutBatch, check_generate_args
+from sapo.rollout.base import RolloutBatch, check_generate_args, collate_extra_inputs
 from sapo.rollout.sampling import sample_tokens
 
 
@@ -71,6 +74,31 @@ def _select_rows(cache: DynamicCache, rows: torch.Tensor) -> None:
         layer.batch_select_indices(rows)
 
 
+def _mrope_model(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The inner module with ``get_rope_index`` (Qwen2/2.5/3-VL), or None for text models."""
+    inner = getattr(model, "model", None)
+    return inner if inner is not None and hasattr(inner, "get_rope_index") else None
+
+
+GRID_INPUTS = ("image_grid_thw", "video_grid_thw", "mm_token_type_ids", "second_per_grid_ts")
+
+
+def _mrope_positions(mrope_model, input_ids, attention_mask, extra) -> tuple[torch.Tensor, torch.Tensor]:
+    """3-D mrope positions of the left-padded prompts [3, B, P] and each row's next position [B]."""
+    grids = {key: value for key, value in extra.items() if key in GRID_INPUTS}
+    position_ids, _ = mrope_model.get_rope_index(input_ids, attention_mask=attention_mask, **grids)
+    position_ids = position_ids.to(input_ids.device)
+    last = position_ids.masked_fill(attention_mask[None] == 0, -1).amax(dim=(0, 2))  # [B], text after image
+    return position_ids, last + 1
+
+
+def _decode_positions(next_position: torch.Tensor, mrope_model: torch.nn.Module | None) -> torch.Tensor:
+    """Positions of the token fed this step: [b, 1], or [3, b, 1] for mrope (text tokens: t = h = w)."""
+    if mrope_model is None:
+        return next_position[:, None]
+    return next_position[None, :, None].expand(3, -1, -1)
+
+
 def _cache_kwarg(model: torch.nn.Module) -> str:
     """transformers >= 5.24 names the cache argument ``cache``; older 5.x call it ``past_key_values``."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
@@ -105,11 +133,12 @@ class TorchEngine:
         extra_inputs: list[dict] | None = None,
     ) -> RolloutBatch:
         check_generate_args(prompt_ids, max_new_tokens, temperature, top_p, top_k, eos_token_ids, extra_inputs)
-        if extra_inputs is not None and any(extra_inputs):
+        mrope_model = _mrope_model(self.model)
+        multimodal = extra_inputs is not None and any(extra_inputs)
+        if multimodal and mrope_model is None:
             raise NotImplementedError(
-                "the 'torch' engine takes text prompts only (Qwen3-VL keeps per-row mrope rope_deltas in the "
-                "model, which dropping finished rows would break); use make_engine('hf', model) for "
-                "multimodal prompts"
+                f"the 'torch' engine takes extra_inputs only for mrope models with get_rope_index (Qwen3-VL); "
+                f"{type(self.model).__name__} has none: use make_engine('hf', model) for these prompts"
             )
         was_training = self.model.training
         self.model.eval()
@@ -117,7 +146,7 @@ class TorchEngine:
             with torch.inference_mode():
                 tokens, logprobs, lengths, hit_eos = self._decode(
                     prompt_ids, max_new_tokens, temperature, top_p, top_k, eos_token_ids, pad_token_id,
-                    greedy, generator,
+                    greedy, generator, extra_inputs if multimodal else None, mrope_model,
                 )
         finally:
             self.model.train(was_training)
@@ -131,7 +160,7 @@ class TorchEngine:
         )
 
     def _decode(self, prompt_ids, max_new_tokens, temperature, top_p, top_k, eos_token_ids, pad_token_id,
-                greedy, generator):
+                greedy, generator, extra_inputs, mrope_model):
         device = next(self.model.parameters()).device
         batch, prompt_len = len(prompt_ids), max(len(p) for p in prompt_ids)
         total_len = prompt_len + max_new_tokens
@@ -151,11 +180,18 @@ class TorchEngine:
         rows = torch.arange(batch, device=device)  # output row of each live batch row
 
         cache = _make_cache(self.model, total_len, self.cache_kind)
-        logits = self.model(
-            input_ids=input_ids, attention_mask=attention_mask[:, :prompt_len], position_ids=position_ids,
-            use_cache=True, logits_to_keep=1, **{self._cache_kwarg: cache},
-        ).logits[:, -1]  # [B, V]
-        next_position = position_ids[:, -1] + 1  # [B]
+        prefill = {"input_ids": input_ids, "attention_mask": attention_mask[:, :prompt_len], "use_cache": True,
+                   "logits_to_keep": 1, self._cache_kwarg: cache}
+        if extra_inputs is None:
+            prefill["position_ids"] = position_ids
+            next_position = position_ids[:, -1] + 1  # [B]
+        else:
+            extra = collate_extra_inputs(extra_inputs, [len(p) for p in prompt_ids], device)
+            prefill.update(extra)
+            prefill["position_ids"], next_position = _mrope_positions(
+                mrope_model, input_ids, attention_mask[:, :prompt_len], extra
+            )  # [3, B, P], [B]
+        logits = self.model(**prefill).logits[:, -1]  # [B, V]
         for step in range(max_new_tokens):
             token, logprob = sample_tokens(
                 logits, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, generator=generator
@@ -179,7 +215,8 @@ class TorchEngine:
             attention_mask[:, width - 1] = 1
             logits = self._forward(
                 input_ids=token[:, None], attention_mask=attention_mask[:, :width],
-                position_ids=next_position[:, None], use_cache=True, **{self._cache_kwarg: cache},
+                position_ids=_decode_positions(next_position, mrope_model), use_cache=True,
+                **{self._cache_kwarg: cache},
             ).logits[:, -1]  # [b, V]
             next_position = next_position + 1
         return out_tokens.cpu(), out_logprobs.cpu(), lengths.cpu(), hit_eos.cpu()

@@ -2,9 +2,20 @@
 
 import pytest
 import torch
-from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
+import torch.nn.functional as F
+from transformers import (
+    Qwen3Config,
+    Qwen3ForCausalLM,
+    Qwen3MoeConfig,
+    Qwen3MoeForCausalLM,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+)
+
+from sapo.rollout.base import collate_extra_inputs
 
 VOCAB = 64
+IMAGE = 120  # image token id of the tiny Qwen3-VL
 
 
 def tiny_qwen3(seed: int = 0) -> Qwen3ForCausalLM:
@@ -28,6 +39,29 @@ def tiny_qwen3_moe(seed: int = 0) -> Qwen3MoeForCausalLM:
     return Qwen3MoeForCausalLM(config).float()
 
 
+def teacher_forced_logprobs(model, batch, temperature, extra_inputs=None):
+    """(expected, sampler) log-probs of the completion tokens; expected from one plain forward.
+
+    With extra_inputs (Qwen3-VL), the model computes its own mrope positions from the attention mask and
+    the image grids, as in training.
+    """
+    packed = batch.to_padded(pad_id=0)
+    inputs = {"input_ids": packed["input_ids"], "attention_mask": packed["attention_mask"]}
+    if extra_inputs is None:
+        inputs["position_ids"] = packed["position_ids"]
+    else:
+        extra = collate_extra_inputs(extra_inputs, [len(p) for p in batch.prompt_ids], "cpu")
+        completion_width = packed["input_ids"].shape[1] - extra["mm_token_type_ids"].shape[1]
+        extra["mm_token_type_ids"] = F.pad(extra["mm_token_type_ids"], (0, completion_width))
+        inputs.update(extra)
+    with torch.no_grad():
+        logits = model(**inputs).logits  # [B, T, V]
+    logprobs = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
+    token_logprobs = logprobs.gather(-1, packed["input_ids"][:, 1:, None]).squeeze(-1)  # [B, T-1]
+    mask = packed["completion_mask"][:, 1:].bool()
+    return token_logprobs[mask], packed["sampler_logprobs"][:, 1:][mask]
+
+
 @pytest.fixture(scope="module", params=["qwen3", "qwen3_moe"])
 def model(request):
     return tiny_qwen3() if request.param == "qwen3" else tiny_qwen3_moe()
@@ -39,3 +73,25 @@ def prompts():
     g = torch.Generator().manual_seed(1)
     lengths = [3, 7, 5, 1, 6]
     return [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in lengths]
+
+
+def tiny_qwen3_vl() -> Qwen3VLForConditionalGeneration:
+    text = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3],
+                                 "mrope_interleaved": True})
+    vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=16, spatial_merge_size=2,
+                  temporal_patch_size=2, out_hidden_size=64, num_position_embeddings=16, deepstack_visual_indexes=[0])
+    torch.manual_seed(0)
+    config = Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=IMAGE, video_token_id=121,
+                           vision_start_token_id=122, vision_end_token_id=123, tie_word_embeddings=False)
+    return Qwen3VLForConditionalGeneration(config).eval()
+
+
+def image_prompt_rows():
+    """A prompt with one 4-token image (16 patches, 2x2 merge) and a text-only prompt, with their extra inputs."""
+    image_prompt = [5, 6, 122] + [IMAGE] * 4 + [123, 7, 8]
+    pixels = torch.randn(16, 3 * 2 * 16 * 16, generator=torch.Generator().manual_seed(0))
+    image = {"pixel_values": pixels, "image_grid_thw": torch.tensor([[1, 4, 4]]),
+             "mm_token_type_ids": [int(t == IMAGE) for t in image_prompt]}
+    return [image_prompt, [9, 10, 11]], [image, {}], pixels

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import VOCAB
+from conftest import VOCAB, image_prompt_rows, teacher_forced_logprobs, tiny_qwen3_vl
 
 from sapo.rollout import HFEngine, TorchEngine, make_engine
 
@@ -9,18 +9,6 @@ UNUSED_EOS = [VOCAB + 7]  # outside the vocabulary: never produced
 
 def greedy(engine, prompts, eos, max_new_tokens=12):
     return engine.generate(prompts, max_new_tokens=max_new_tokens, eos_token_ids=eos, pad_token_id=0, greedy=True)
-
-
-def teacher_forced_logprobs(model, batch, temperature):
-    """Log-probs of the completion tokens from one plain forward over prompt + completion."""
-    packed = batch.to_padded(pad_id=0)
-    with torch.no_grad():
-        logits = model(input_ids=packed["input_ids"], attention_mask=packed["attention_mask"],
-                       position_ids=packed["position_ids"]).logits  # [B, T, V]
-    logprobs = torch.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
-    token_logprobs = logprobs.gather(-1, packed["input_ids"][:, 1:, None]).squeeze(-1)  # [B, T-1]
-    mask = packed["completion_mask"][:, 1:].bool()
-    return token_logprobs[mask], packed["sampler_logprobs"][:, 1:][mask]
 
 
 def test_greedy_matches_hf_generate_with_eos_stopping(model, prompts):
@@ -105,10 +93,28 @@ def test_restores_train_mode_and_builds_no_graph(model, prompts):
     assert isinstance(batch.sampler_logprobs[0][0], float)
 
 
-def test_multimodal_prompts_point_to_hf_engine(model, prompts):
+def test_extra_inputs_on_text_model_point_to_hf_engine(model, prompts):
     with pytest.raises(NotImplementedError, match="make_engine\\('hf', model\\)"):
         TorchEngine(model).generate(prompts, max_new_tokens=2, eos_token_ids=[1], pad_token_id=0,
                                     extra_inputs=[{"pixel_values": torch.zeros(1)}] * len(prompts))
+
+
+def test_qwen3_vl_image_prompts_match_hf_and_teacher_forcing():
+    model = tiny_qwen3_vl()
+    prompts, extra_inputs, _ = image_prompt_rows()
+    prompts, extra_inputs = prompts + [[12, 13, 14, 15, 16]], extra_inputs + [{}]
+    free = greedy(TorchEngine(model), prompts, [1], max_new_tokens=8)
+    eos = free.completion_ids[0][2]  # the image row stops early: the batch shrinks mid-decode
+    args = {"max_new_tokens": 8, "eos_token_ids": [eos], "pad_token_id": 0, "greedy": True,
+            "extra_inputs": extra_inputs}
+    ours, ref = TorchEngine(model).generate(prompts, **args), HFEngine(model).generate(prompts, **args)
+    assert ours.completion_ids == ref.completion_ids
+    assert len(ours.completion_ids[0]) <= 3 and any(ours.truncated)
+    sampled = TorchEngine(model).generate(prompts, max_new_tokens=8, temperature=0.8, eos_token_ids=[eos],
+                                          pad_token_id=0, extra_inputs=extra_inputs,
+                                          generator=torch.Generator().manual_seed(0))
+    expected, got = teacher_forced_logprobs(model, sampled, 0.8, extra_inputs)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
 def test_unknown_cache_kind():
