@@ -13,6 +13,7 @@ import os
 import random
 import re
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,21 @@ import torch
 
 _NAME = re.compile(r"^checkpoint-(\d+)$")
 COMPLETE_MARKER = "COMPLETE"
+KILL_ENV = "SAPO_TEST_KILL_AT"
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced NaN/inf (too many skipped updates, or weights that must not be saved)."""
+
+
+def kill_point_for_tests(where: str, step: int) -> None:
+    """Crash-safety test hook: with SAPO_TEST_KILL_AT=<where>:<step>, SIGKILL this process here.
+
+    where is "step" (mid-update, after the step's first optimizer update) or "checkpoint" (after
+    part of the checkpoint's files are written). Unset in normal runs: one dict lookup.
+    """
+    if os.environ.get(KILL_ENV) == f"{where}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _fsync_dir(path: Path) -> None:
@@ -76,15 +92,24 @@ def save_checkpoint(
     generators: dict[str, torch.Generator] | None = None,
     keep: int = 2,
 ) -> Path:
-    """Write checkpoint-<step> atomically and prune older ones beyond `keep`."""
+    """Write checkpoint-<step> atomically and prune older ones beyond `keep`.
+
+    Refuses (NonFiniteError, nothing written) when a weight is NaN/inf: a checkpoint is always clean.
+    """
     output_dir = Path(output_dir)
+    weights = trainable_state_dict(model)
+    bad = [k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise NonFiniteError(f"not saving checkpoint-{step:06d}: non-finite weights in {', '.join(bad[:5])}; "
+                             "the previous checkpoint is intact")
     final = output_dir / f"checkpoint-{step:06d}"
     tmp = output_dir / f"checkpoint-{step:06d}.tmp"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    torch.save(trainable_state_dict(model), tmp / "model.pt")
+    torch.save(weights, tmp / "model.pt")
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    kill_point_for_tests("checkpoint", step)
     torch.save(scheduler.state_dict() if scheduler is not None else {}, tmp / "scheduler.pt")
     torch.save(rng_state(generators), tmp / "rng.pt")
     (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=1))

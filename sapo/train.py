@@ -27,12 +27,7 @@ from sapo.training.batch import group_advantages, merge_metrics, pack_rollout, s
 from sapo.training.policy import PolicyHandle, load_policy
 from sapo.training.tasks import TaskData, load_task
 
-# ---------------------------------------------------------------------------------------------
-# Pieces of one step
-
-
-class NonFiniteError(RuntimeError):
-    pass
+NonFiniteError = ckpt.NonFiniteError  # raised when too many updates are non-finite (CLI exit 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,6 +289,7 @@ def train(cfg: TrainConfig, overrides: dict | None = None) -> dict:
                     m = policy.update(
                         optimizer, tensors, mb_rows, old, ref_logprobs, loss_options, cfg,
                     )
+                    ckpt.kill_point_for_tests("step", step)  # crash-safety tests only
                     if m.pop("nonfinite", 0.0):
                         nonfinite_run += 1
                         nonfinite_total += 1
