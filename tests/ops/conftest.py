@@ -1,5 +1,12 @@
+import os
+
 import pytest
 import torch
+
+# Without CUDA the Triton kernels run under Triton's CPU interpreter. The flag must be set before triton is
+# first imported (it is read then), so here rather than in the test module: test files import in name order.
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"
 
 
 def plain_logprobs(hidden, weight, labels, temperature=1.0, bias=None):
