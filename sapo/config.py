@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -46,10 +47,10 @@ class TrainConfig:
     gradient_checkpointing: bool = _opt(False, "recompute activations in backward", group="model")
     lora_rank: int = _opt(0, "LoRA rank (0 = full fine-tuning)", group="model")
     lora_alpha: float = _opt(32.0, "LoRA alpha", group="model")
-    lora_target_modules: list = _opt(
+    lora_target_modules: list[str] = _opt(
         ["q_proj", "k_proj", "v_proj", "o_proj"], "LoRA target module names", group="model"
     )
-    lora_target_parameters: list = _opt(
+    lora_target_parameters: list[str] = _opt(
         [], "LoRA target parameter names (fused MoE expert tensors, e.g. mlp.experts.gate_up_proj)",
         group="model",
     )
@@ -115,8 +116,8 @@ class TrainConfig:
     )
 
     # ---- rewards --------------------------------------------------------------------------
-    rewards: list = _opt(["math"], "reward functions: math, format, or module:function", group="rewards")
-    reward_weights: list = _opt([], "weights of the reward functions (default: all 1)", group="rewards")
+    rewards: list[str] = _opt(["math"], "reward functions: math, format, or module:function", group="rewards")
+    reward_weights: list[float] = _opt([], "weights of the reward functions (default: all 1)", group="rewards")
     reward_timeout: float = _opt(10.0, "seconds per reward call before it counts as 0", group="rewards")
 
     # ---- optimisation ---------------------------------------------------------------------
@@ -138,7 +139,7 @@ class TrainConfig:
     eval_steps: int = _opt(20, "evaluate every N steps (and at step 0 and at the end; 0 = never)", group="eval")
     eval_num_problems: int = _opt(200, "held-out problems per evaluation", group="eval")
     eval_num_samples: int = _opt(8, "samples per problem for Pass@1 (avg@n) and pass@k", group="eval")
-    eval_pass_k: list = _opt([1, 8], "k values for unbiased pass@k", group="eval")
+    eval_pass_k: list[int] = _opt([1, 8], "k values for unbiased pass@k", group="eval")
     eval_temperature: float = _opt(-1.0, "eval sampling temperature (-1: the training temperature)", group="eval")
     eval_greedy: bool = _opt(True, "also report greedy accuracy", group="eval")
 
@@ -198,6 +199,14 @@ class TrainConfig:
             )
         if not self.rewards:
             raise ConfigError("rewards must name at least one reward function")
+        from sapo.rewards.runner import load_reward_function
+
+        for spec in self.rewards:  # import user reward modules now: a typo fails before the model loads
+            try:
+                load_reward_function(spec)
+            except Exception as err:  # ValueError from the loader, or whatever the user's module raised
+                raise ConfigError(f"rewards: {err}" if isinstance(err, ValueError) else
+                                  f"rewards: importing {spec!r} failed: {type(err).__name__}: {err}") from None
         if self.reward_timeout <= 0:
             raise ConfigError("reward_timeout must be > 0 seconds")
         if any(int(k) < 1 or int(k) > self.eval_num_samples for k in self.eval_pass_k):
@@ -241,13 +250,20 @@ def _coerce(name: str, value: Any, typ: Any) -> Any:
     origin = typing.get_origin(typ)
     if typ is list or origin is list:
         if isinstance(value, str):
-            loaded = yaml.safe_load(value) if value.strip().startswith("[") else [
-                v for v in (s.strip() for s in value.split(",")) if v
-            ]
-            value = loaded
+            if value.strip().startswith("["):
+                try:
+                    value = yaml.safe_load(value)
+                except yaml.YAMLError:
+                    raise ConfigError(f"{name}={value!r} is not a valid list; write {name}=a,b or "
+                                      f"{name}=[a,b]") from None
+            else:
+                value = [v for v in (s.strip() for s in value.split(",")) if v]
         if not isinstance(value, list):
             raise ConfigError(f"{name} must be a list (e.g. {name}=a,b or {name}=[1,2]), got {value!r}")
-        return value
+        item_type = (typing.get_args(typ) or (None,))[0]
+        if item_type is None:
+            return value
+        return [_coerce(f"{name}[{i}]", v, item_type) for i, v in enumerate(value)]
     if isinstance(typ, types.UnionType):
         typ = next(t for t in typing.get_args(typ) if t is not type(None))
     if typ is bool:
@@ -265,16 +281,19 @@ def _coerce(name: str, value: Any, typ: Any) -> Any:
             as_float = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{name} must be an integer, got {value!r}") from None
-        if as_float != int(as_float):
+        if not math.isfinite(as_float) or as_float != int(as_float):
             raise ConfigError(f"{name} must be an integer, got {value!r}")
         return int(as_float)
     if typ is float:
         if isinstance(value, bool):
             raise ConfigError(f"{name} must be a number, got {value!r}")
         try:
-            return float(value)
+            number = float(value)
         except (TypeError, ValueError):
             raise ConfigError(f"{name} must be a number, got {value!r}") from None
+        if not math.isfinite(number):
+            raise ConfigError(f"{name} must be a finite number, got {value!r}")
+        return number
     if typ is str:
         if value is None:
             return ""
