@@ -35,14 +35,16 @@ def _logits_tile(
     HAS_BIAS: tl.constexpr, DOT_PRECISION: tl.constexpr, DOT_UPCAST: tl.constexpr,
     BLOCK_N: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """z = (hidden[rows] @ weight[cols]^T + bias[cols]) / T as a [BLOCK_N, BLOCK_V] float32 tile."""
+    """z = (hidden[rows] @ weight[cols]^T + bias[cols]) / T as a [BLOCK_N, BLOCK_V] float32 tile.
+
+    Row and column offsets are widened to int64: a chunk of logits can pass 2^31 elements."""
     acc = tl.zeros([BLOCK_N, BLOCK_V], dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
         ks = d0 + tl.arange(0, BLOCK_D)
         k_ok = ks < D
-        h = tl.load(hidden_ptr + rows[:, None] * stride_hn + ks[None, :] * stride_hd,
+        h = tl.load(hidden_ptr + rows[:, None].to(tl.int64) * stride_hn + ks[None, :] * stride_hd,
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
-        w = tl.load(weight_ptr + cols[None, :] * stride_wv + ks[:, None] * stride_wd,
+        w = tl.load(weight_ptr + cols[None, :].to(tl.int64) * stride_wv + ks[:, None] * stride_wd,
                     mask=col_ok[None, :] & k_ok[:, None], other=0.0)  # [BLOCK_D, BLOCK_V]
         if DOT_UPCAST:  # the interpreter's bf16 tl.dot is wrong (Triton 3.9); bf16 -> fp32 is exact
             h = h.to(tl.float32)
@@ -81,7 +83,7 @@ def _stats_kernel(
                          stride_hn, stride_hd, stride_wv, stride_wd,
                          HAS_BIAS, DOT_PRECISION, DOT_UPCAST, BLOCK_N, BLOCK_V, BLOCK_D)  # [BLOCK_N, BLOCK_V]
         if STORE_LOGITS:
-            tl.store(logits_ptr + rows[:, None] * stride_zn + cols[None, :], z,
+            tl.store(logits_ptr + rows[:, None].to(tl.int64) * stride_zn + cols[None, :], z,
                      mask=row_ok[:, None] & col_ok[None, :])
         z = tl.where(col_ok[None, :], z, float("-inf"))
         new_max = tl.maximum(run_max, tl.max(z, axis=1))
@@ -122,7 +124,7 @@ def _dlogits_kernel(
                          stride_hn, stride_hd, stride_wv, stride_wd,
                          HAS_BIAS, DOT_PRECISION, DOT_UPCAST, BLOCK_N, BLOCK_V, BLOCK_D)
     else:
-        z = tl.load(logits_ptr + rows[:, None] * stride_zn + cols[None, :], mask=tile_ok, other=0.0)
+        z = tl.load(logits_ptr + rows[:, None].to(tl.int64) * stride_zn + cols[None, :], mask=tile_ok, other=0.0)
     lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)
     log_p = z - lse[:, None]  # [BLOCK_N, BLOCK_V]
     p = tl.exp(log_p)
@@ -136,7 +138,7 @@ def _dlogits_kernel(
         entropy = tl.load(entropy_ptr + rows, mask=row_ok, other=0.0)
         dz -= g_h[:, None] * p * (log_p + entropy[:, None])  # g_H dH/dz
     dz = dz * inv_temperature
-    tl.store(out_ptr + rows[:, None] * stride_on + cols[None, :], dz.to(out_ptr.dtype.element_ty), mask=tile_ok)
+    tl.store(out_ptr + rows[:, None].to(tl.int64) * stride_on + cols[None, :], dz.to(out_ptr.dtype.element_ty), mask=tile_ok)
 
 
 # ----------------------------------------------------------------------------------------------------------
