@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from sapo.objectives.masking import float_mask
+
 if TYPE_CHECKING:
     from sapo.objectives.presets import LossSpec
 
@@ -42,7 +44,7 @@ def _count(value: Count, default: torch.Tensor | int, name: str) -> torch.Tensor
 def sequence_weights(mask: torch.Tensor, *, num_sequences: Count = None) -> torch.Tensor:
     """[B] float32 weights of a per-sequence loss for `seq_mean`: 1/B for rows with tokens, 0 for empty rows."""
     rows = _count(num_sequences, mask.shape[0], "num_sequences")
-    return (mask.sum(-1) > 0).float() / rows  # [B]
+    return (float_mask(mask).sum(-1) > 0).float() / rows  # [B]
 
 
 def aggregation_weights(
@@ -56,19 +58,18 @@ def aggregation_weights(
     For `seq_mean` (sequence ratio) the weights are those of `seq_mean_token_mean`: applied to a per-sequence
     loss broadcast over its tokens they give the plain sequence mean, not a length-weighted one.
     """
-    token_mask = mask.bool()  # [B, T]
-    maskf = token_mask.float()  # [B, T]
+    maskf = float_mask(mask)  # [B, T] 0/1
     aggregation = spec.aggregation
     if aggregation in ("seq_mean_token_mean", "seq_mean"):
         rows = _count(num_sequences, mask.shape[0], "num_sequences")
         lengths = maskf.sum(-1, keepdim=True).clamp(min=1.0)  # [B, 1]
-        return maskf / (lengths * rows)
+        return maskf * (1.0 / (lengths * rows))  # [B, T]
     if aggregation == "token_mean":
         tokens = _count(num_tokens, maskf.sum(), "num_tokens")
-        return maskf / tokens
+        return maskf * (1.0 / tokens)
     if aggregation == "seq_mean_token_sum_norm":
         if spec.max_completion_length is None:
             raise ValueError("aggregation='seq_mean_token_sum_norm' (dr_grpo) needs max_completion_length")
         rows = _count(num_sequences, mask.shape[0], "num_sequences")
-        return maskf / (rows * float(spec.max_completion_length))
+        return maskf * (1.0 / (rows * float(spec.max_completion_length)))
     raise ValueError(f"unknown aggregation {aggregation!r}; allowed: {', '.join(AGGREGATIONS)}")

@@ -5,8 +5,9 @@ with l the shaped per-token loss (shaping.py) of the chosen ratio (ratios.py), w
 weights (aggregation.py) and tw optional detached token_weights. A sequence-ratio objective (GSPO) has one
 loss per sequence instead, averaged over sequences without length weighting.
 
-Masked positions are replaced (torch.where) before any arithmetic, so NaN/inf there never reach the
-loss or the gradients.
+Masked positions are made finite and zeroed before any arithmetic (masking.py), so NaN/inf there never
+reach the loss or the gradients; a NaN at an unmasked position (log-probs, advantages, reference
+log-probs, token weights) makes the loss NaN.
 """
 
 from __future__ import annotations
@@ -15,18 +16,22 @@ import torch
 
 from sapo.objectives.aggregation import Count, aggregation_weights, sequence_weights
 from sapo.objectives.kl import token_kl
+from sapo.objectives.masking import float_mask, masked_finite, nan_if
 from sapo.objectives.metrics import policy_metrics
 from sapo.objectives.presets import LossSpec, resolve
-from sapo.objectives.ratios import sequence_log_ratio, sequence_token_ratio, token_log_ratio
+from sapo.objectives.ratios import (
+    masked_token_log_ratio,
+    sequence_log_ratio,
+    sequence_token_ratio,
+    token_log_ratio,
+)
 from sapo.objectives.shaping import SHAPINGS
 
 
-def _token_advantages(advantages: torch.Tensor, shape: torch.Size) -> torch.Tensor:
-    """Advantages as a float32 [B, T] tensor: [B] per sequence is broadcast over tokens."""
+def _token_advantages(advantages: torch.Tensor) -> torch.Tensor:
+    """Float32 advantages that broadcast over tokens: [B] per sequence becomes [B, 1]."""
     advantages = advantages.detach().float()
-    if advantages.dim() == 1:
-        advantages = advantages.unsqueeze(-1)  # [B, 1]
-    return advantages.expand(shape)  # [B, T]
+    return advantages.unsqueeze(-1) if advantages.dim() == 1 else advantages
 
 
 def token_loss(
@@ -35,7 +40,7 @@ def token_loss(
     """Per-token un-aggregated loss of a token-ratio objective, float32, same shape as `logprobs`.
 
     sapo: -f(r) A; clip: -min(r A, clip(r) A); cispo: -sg[min(r, cap)] A logp; none: -r A.
-    `advantages` is [..., T] (already broadcast) or [B] for [B, T] inputs. Differentiable in `logprobs`.
+    `advantages` is the token shape (already broadcast) or [B] for [B, T] inputs. Differentiable in `logprobs`.
     There is no mask here: pass finite values (policy_loss sanitises masked positions first).
     The policy loss is (token_loss * aggregation_weights(mask, spec)).sum().
     """
@@ -44,7 +49,7 @@ def token_loss(
             f"token_loss covers ratio_level='token' objectives; {spec.loss_type!r} uses "
             f"ratio_level={spec.ratio_level!r}, which needs the mask: use policy_loss"
         )
-    advantages = _token_advantages(advantages, logprobs.shape)
+    advantages = _token_advantages(advantages)
     ratio = torch.exp(token_log_ratio(logprobs, old_logprobs, spec.log_ratio_clamp))
     return SHAPINGS[spec.shaping](ratio, advantages, logprobs.float(), spec)
 
@@ -85,12 +90,20 @@ def policy_loss(
     if token_weights is not None and spec.ratio_level == "sequence":
         raise ValueError("token_weights multiply per-token losses: use ratio_level 'token' or 'sequence_token'")
 
-    token_mask = mask.bool()  # [B, T]
-    # Sanitise masked slots first: NaN * 0 would be NaN, torch.where is not (and its gradient there is 0).
-    logp = torch.where(token_mask, logprobs.float(), 0.0)  # [B, T]
-    old_logp = torch.where(token_mask, old_logprobs.detach().float(), 0.0)  # [B, T]
-    token_adv = torch.where(token_mask, _token_advantages(advantages, logp.shape), 0.0)  # [B, T]
-    log_ratio = token_log_ratio(logp, old_logp, spec.log_ratio_clamp)  # [B, T], 0 where masked
+    maskf = float_mask(mask)  # [B, T] 0/1
+    # Masked slots are made finite and zeroed before any arithmetic (masking.py): NaN * 0 would be NaN.
+    # CISPO's weight is detached: its ratio needs no graph (the gradient flows through logp only).
+    ratio_logprobs = logprobs.detach() if spec.shaping == "cispo" else logprobs
+    log_ratio, bad = masked_token_log_ratio(ratio_logprobs, old_logprobs, maskf, spec.log_ratio_clamp)  # 0 where masked
+    lengths = maskf.sum(-1)  # [B]
+    if advantages.dim() == 1:  # per sequence: [B, 1], rows without tokens get 0
+        token_adv = torch.where(lengths > 0, advantages.detach().float(), 0.0).unsqueeze(-1)
+    else:
+        token_adv, bad_adv = masked_finite(advantages.detach(), maskf)  # [B, T]
+        bad = bad | bad_adv
+    needs_logp = spec.shaping == "cispo" or spec.ratio_level == "sequence_token" or spec.beta > 0
+    # [B, T]; an unmasked NaN here is also one in the log-ratio, already flagged in `bad`
+    logp = masked_finite(logprobs, maskf, flag_nan=False)[0] if needs_logp else None
     shape_fn = SHAPINGS[spec.shaping]
 
     if spec.ratio_level == "sequence":
@@ -99,35 +112,39 @@ def policy_loss(
                 "ratio_level='sequence' (gspo) needs per-sequence advantages of shape [B]; for per-token "
                 "advantages use loss_type='gspo_token' (ratio_level='sequence_token')"
             )
-        seq_log_ratio = sequence_log_ratio(log_ratio, token_mask)  # [B]
+        seq_log_ratio = sequence_log_ratio(log_ratio, maskf)  # [B]
         seq_ratio = torch.exp(seq_log_ratio)  # s_i, GSPO eq. 7
-        seq_adv = torch.where(token_mask.any(-1), advantages.detach().float(), 0.0)  # [B]
-        seq_loss = shape_fn(seq_ratio, seq_adv, seq_log_ratio, spec)  # [B]
-        policy = (seq_loss * sequence_weights(token_mask, num_sequences=num_sequences)).sum()
-        ratio = seq_ratio.unsqueeze(-1).expand(logp.shape)  # [B, T], for the metrics
+        seq_loss = shape_fn(seq_ratio, token_adv.squeeze(-1), None, spec)  # [B]
+        policy = (seq_loss * sequence_weights(maskf, num_sequences=num_sequences)).sum()
+        ratio = seq_ratio.unsqueeze(-1).expand(maskf.shape)  # [B, T] view, for the metrics
         weights = None
     else:
         if spec.ratio_level == "token":
             ratio = torch.exp(log_ratio)  # r_{i,t}
         else:  # sequence_token, GSPO eq. 13
-            ratio = sequence_token_ratio(logp, sequence_log_ratio(log_ratio, token_mask))
+            ratio = sequence_token_ratio(logp, sequence_log_ratio(log_ratio, maskf))
         per_token = shape_fn(ratio, token_adv, logp, spec)  # [B, T]
         if token_weights is not None:
-            per_token = per_token * torch.where(token_mask, token_weights.detach().float(), 0.0)
-        weights = aggregation_weights(token_mask, spec, num_sequences=num_sequences, num_tokens=num_tokens)
+            token_weights, bad_weights = masked_finite(token_weights.detach(), maskf)
+            per_token = per_token * token_weights
+            bad = bad | bad_weights
+        weights = aggregation_weights(maskf, spec, num_sequences=num_sequences, num_tokens=num_tokens)
         policy = (per_token * weights).sum()
 
     loss = policy
     kl_term = per_token_kl = None
     if spec.beta > 0:
-        ref_logp = torch.where(token_mask, ref_logprobs.detach().float(), 0.0)  # [B, T]
+        ref_logp, bad_ref = masked_finite(ref_logprobs.detach(), maskf)  # [B, T]
+        bad = bad | bad_ref
         per_token_kl = token_kl(logp, ref_logp, spec.kl_estimator, spec.log_ratio_clamp)  # 0 where masked
         if weights is None:  # sequence ratio: KL as a token mean per sequence, mean over sequences
-            weights = aggregation_weights(token_mask, spec, num_sequences=num_sequences)
+            weights = aggregation_weights(maskf, spec, num_sequences=num_sequences)
         kl_term = spec.beta * (per_token_kl * weights).sum()
         loss = policy + kl_term
+    # A NaN log-prob at a real (unmasked) token must not be silently zeroed: it makes the loss NaN.
+    loss = loss + nan_if(bad)
 
     if not with_metrics:
         return loss, {}
-    metrics = policy_metrics(spec, token_mask, log_ratio, ratio, token_adv, policy, loss, kl_term, per_token_kl)
+    metrics = policy_metrics(spec, maskf > 0, log_ratio, ratio, token_adv, policy, loss, kl_term, per_token_kl)
     return loss, metrics

@@ -6,6 +6,7 @@ over an empty set is nan. `metric_names(loss_type, **options)` lists the keys po
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from sapo.objectives.presets import LossSpec, resolve
@@ -57,8 +58,22 @@ def masked_extreme(values: torch.Tensor, mask: torch.Tensor, largest: bool) -> t
 
 
 def masked_quantiles(values: torch.Tensor, mask: torch.Tensor, qs) -> torch.Tensor:
-    """Linear-interpolation quantiles (torch.quantile's default) of values[mask], on device, no sync. [Q]"""
-    # One extra +inf keeps the sorted vector non-empty; masked entries sort to the end.
+    """Linear-interpolation quantiles (torch.quantile's default) of values[mask], [Q]; nan when empty.
+
+    On CPU, numpy's partition-based quantile (O(n); a full CPU sort of 256k values costs ~40 ms);
+    elsewhere a device sort without host sync.
+    """
+    if values.device.type == "cpu":
+        selected = values[mask]
+        if selected.numel() == 0:
+            return torch.full((len(qs),), torch.nan)
+        return torch.from_numpy(np.quantile(selected.numpy(), qs)).float()
+    return sorted_quantiles(values, mask, qs)
+
+
+def sorted_quantiles(values: torch.Tensor, mask: torch.Tensor, qs) -> torch.Tensor:
+    """masked_quantiles by sorting on the tensor's device, no sync: masked entries sort to the end."""
+    # One extra +inf keeps the sorted vector non-empty.
     flat = torch.cat([torch.where(mask, values, torch.inf).flatten(), values.new_full((1,), torch.inf)])
     ordered = torch.sort(flat).values
     count = mask.sum()

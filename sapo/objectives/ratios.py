@@ -12,19 +12,28 @@ from __future__ import annotations
 
 import torch
 
+from sapo.objectives.masking import masked_finite
+
 RATIO_LEVELS = ("token", "sequence", "sequence_token")
 
 
 def token_log_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, clamp: float) -> torch.Tensor:
     """z_{i,t} = clamp(logp - old_logp) in float32, [B, T]. Gradient flows through `logprobs` only."""
-    log_ratio = logprobs.float() - old_logprobs.detach().float()  # [B, T]
-    return log_ratio.clamp(-clamp, clamp)
+    return (logprobs.float() - old_logprobs.detach().float()).clamp(-clamp, clamp)
+
+
+def masked_token_log_ratio(
+    logprobs: torch.Tensor, old_logprobs: torch.Tensor, mask: torch.Tensor, clamp: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """token_log_ratio, exactly 0 (value and gradient) at masked positions whatever they held, plus a
+    [] bool flag for a NaN at an unmasked position (masking.py). `mask` is the float 0/1 mask."""
+    return masked_finite(logprobs.float() - old_logprobs.detach().float(), mask, clamp, owned=True)
 
 
 def sequence_log_ratio(log_ratio: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """log s_i = (1/|y_i|) sum_t z_{i,t}, [B]; |y_i| clamped to >= 1, so an empty row gives 0 (s_i = 1).
 
-    `log_ratio` must already be zero at masked positions (torch.where, not a product with the mask).
+    `log_ratio` must already be exactly zero at masked positions; `mask` is the float 0/1 mask.
     """
     lengths = mask.sum(-1).clamp(min=1)  # [B]
     return log_ratio.sum(-1) / lengths  # [B]

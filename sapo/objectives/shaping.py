@@ -35,15 +35,17 @@ def soft_gate_weight(ratio: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
 
 
 def soft_gate(ratio, advantages, logprobs, spec: LossSpec) -> torch.Tensor:
-    """SAPO: -f(r) A, gradient wrt logp = -A w r."""
-    tau = temperatures(advantages, spec.tau_pos, spec.tau_neg)
-    return -soft_gate_value(ratio, tau) * advantages
+    """SAPO: -f(r) A = -sigmoid(tau (r - 1)) (4 / tau) A; gradient wrt logp = -A w r."""
+    tau = temperatures(advantages, spec.tau_pos, spec.tau_neg)  # shape of advantages ([B, 1] per sequence)
+    coefficient = -(4.0 / tau) * advantages  # folded before touching the [B, T] tensor
+    return torch.sigmoid(tau * (ratio - 1.0)) * coefficient
 
 
 def clip(ratio, advantages, logprobs, spec: LossSpec) -> torch.Tensor:
     """PPO/GRPO: -min(r A, clip(r, 1 - eps_low, 1 + eps_high) A)."""
     clipped = ratio.clamp(1.0 - spec.epsilon_low, 1.0 + spec.epsilon_high)
-    return -torch.minimum(ratio * advantages, clipped * advantages)
+    negative = -advantages  # -min(x, y) = max(-x, -y), with the sign on the (small) advantage tensor
+    return torch.maximum(ratio * negative, clipped * negative)
 
 
 def cispo_cap(spec: LossSpec) -> float:
@@ -53,13 +55,13 @@ def cispo_cap(spec: LossSpec) -> float:
 
 def cispo(ratio, advantages, logprobs, spec: LossSpec) -> torch.Tensor:
     """CISPO (MiniMax-M1): -sg[min(r, cap)] A logp; the gradient flows through logp, never through the weight."""
-    weight = ratio.detach().clamp(max=cispo_cap(spec))
-    return -weight * advantages * logprobs
+    weight = ratio.detach().clamp(max=cispo_cap(spec)).mul_(-advantages)  # sg[min(r, cap)] * -A, no graph
+    return weight * logprobs
 
 
 def unshaped(ratio, advantages, logprobs, spec: LossSpec) -> torch.Tensor:
     """Plain importance-weighted policy gradient: -r A."""
-    return -ratio * advantages
+    return ratio * -advantages
 
 
 ShapingFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "LossSpec"], torch.Tensor]

@@ -382,3 +382,22 @@ def test_metric_keys_are_the_documented_names(loss_type):
     assert all(type(value) is float for value in metrics.values())
     _, empty = policy_loss(logprobs, old, advantages, mask, loss_type, with_metrics=False, **options_for(loss_type))
     assert empty == {}
+
+
+@pytest.mark.parametrize("loss_type", ["sapo", "gspo", "cispo"])
+def test_nan_at_a_real_token_makes_the_loss_nan(loss_type):
+    logprobs, old, advantages, mask = make_batch(seed=13)
+    logprobs = logprobs.detach().clone()
+    logprobs[0, 0] = math.nan  # mask[0] is all True
+    loss, _ = policy_loss(logprobs, old, advantages, mask, loss_type, with_metrics=False)
+    assert math.isnan(loss.item())
+
+
+def test_nan_in_real_advantages_reference_or_token_weights_makes_the_loss_nan():
+    logprobs, old, advantages, mask = make_batch(seed=14)
+    bad = torch.zeros(mask.shape)
+    bad[0, 0] = math.nan  # mask[0] is all True
+    token_adv = advantages.unsqueeze(-1).expand(mask.shape) + bad
+    assert math.isnan(policy_loss(logprobs, old, token_adv, mask, "sapo")[0].item())
+    assert math.isnan(policy_loss(logprobs, old, advantages, mask, "sapo", token_weights=1 + bad)[0].item())
+    assert math.isnan(policy_loss(logprobs, old, advantages, mask, "sapo", beta=0.1, ref_logprobs=old + bad)[0].item())

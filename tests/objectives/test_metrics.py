@@ -4,26 +4,29 @@ import pytest
 import torch
 
 from sapo.objectives import metric_names, policy_loss
-from sapo.objectives.metrics import masked_mean, masked_quantiles
+from sapo.objectives.metrics import masked_mean, masked_quantiles, sorted_quantiles
 from sapo.objectives.shaping import soft_gate_weight
 
 
+@pytest.mark.parametrize("quantiles", [masked_quantiles, sorted_quantiles])
 @pytest.mark.parametrize("seed", range(4))
-def test_masked_quantiles_match_torch_quantile(seed):
+def test_masked_quantiles_match_torch_quantile(seed, quantiles):
     gen = torch.Generator().manual_seed(seed)
     values = torch.randn(6, 9, generator=gen)
     mask = torch.rand(6, 9, generator=gen) > 0.5
     qs = (0.01, 0.1, 0.5, 0.9, 0.99)
     expected = torch.quantile(values[mask], torch.tensor(qs))
-    assert torch.allclose(masked_quantiles(values, mask, qs), expected, atol=1e-6)
+    assert torch.allclose(quantiles(values, mask, qs), expected, atol=1e-6)
 
 
-def test_empty_sets_give_nan():
+@pytest.mark.parametrize("quantiles", [masked_quantiles, sorted_quantiles])
+def test_empty_sets_give_nan(quantiles):
     values, mask = torch.ones(2, 3), torch.zeros(2, 3, dtype=torch.bool)
-    assert torch.isnan(masked_quantiles(values, mask, (0.5,))).all()
+    assert torch.isnan(quantiles(values, mask, (0.5,))).all()
+    assert torch.isnan(quantiles(values[:0], mask[:0], (0.5,))).all()
     assert math.isnan(masked_mean(values, mask).item())
     one = torch.tensor([[True, False, False], [False, False, False]])
-    assert masked_quantiles(values * 3, one, (0.01, 0.99)).tolist() == [3.0, 3.0]
+    assert quantiles(values * 3, one, (0.01, 0.99)).tolist() == [3.0, 3.0]
 
 
 def test_ratio_and_log_ratio_statistics():
