@@ -174,6 +174,8 @@ def train(cfg: TrainConfig, overrides: dict | None = None) -> dict:
     rollout_gen = torch.Generator().manual_seed(cfg.seed)
     sampler = PromptSampler(len(task.train), cfg.seed)
     start_step, nonfinite_total, best_eval = 0, 0, None
+    # the KL reference is the starting policy: copy it before a checkpoint overwrites the weights
+    reference = policy.reference() if cfg.beta > 0 else None
 
     if checkpoint_path is not None:
         state = ckpt.load_checkpoint(checkpoint_path, model=model, optimizer=optimizer, scheduler=scheduler,
@@ -190,9 +192,6 @@ def train(cfg: TrainConfig, overrides: dict | None = None) -> dict:
 
     logger = RunLogger(out_dir, tensorboard=cfg.tensorboard, resume_step=start_step if cfg.resume else None)
     engine = make_engine(cfg.engine, model)
-    reference = None
-    if cfg.beta > 0:
-        reference = policy.reference()
     loss_options = policy.loss_options(cfg)
     eval_temperature = cfg.temperature if cfg.eval_temperature < 0 else cfg.eval_temperature
 
