@@ -32,9 +32,11 @@ class BehaviourPass:
 
 
 class PolicyHandle:
-    def __init__(self, model, tokenizer, *, eos_token_ids: list[int], pad_token_id: int, lora: bool = False):
+    def __init__(self, model, tokenizer, *, eos_token_ids: list[int], pad_token_id: int, lora: bool = False,
+                 processor=None):
         self.model = model
         self.tokenizer = tokenizer
+        self.processor = processor  # image processor + vision tokens of a VL model (sapo.models.vl), else None
         self.eos_token_ids = eos_token_ids
         self.pad_token_id = pad_token_id
         self.lora = lora
@@ -58,11 +60,12 @@ class PolicyHandle:
     def completion_logprobs(self, model, t, cfg: TrainConfig, *, with_entropy: bool = False):
         """Log-probs [b, C] (float32, 0 where masked) of the completion tokens of rollout rows t."""
         input_ids = t.input_ids.to(self.device)
-        extra = _stack_extra(t.extra, self.device)
+        extra = _stack_extra(t.extra, t.prompt_width, input_ids.shape[1], self.device)
+        # with images (Qwen3-VL) the model computes its 3-D mrope positions from the ids, mask and grids
+        position_ids = None if extra else t.position_ids.to(self.device)
         with self._autocast(cfg):
             hidden = hidden_states(
-                model, input_ids, t.attention_mask.to(self.device), position_ids=t.position_ids.to(self.device),
-                **extra,
+                model, input_ids, t.attention_mask.to(self.device), position_ids=position_ids, **extra,
             )  # [b, P + C, d]
         P = t.prompt_width
         mask = t.completion_mask.to(self.device)  # [b, C]
@@ -229,6 +232,8 @@ class PolicyHandle:
         from sapo.models.loading import save_model
 
         save_model(self.model, self.tokenizer, path)
+        if self.processor is not None:  # a VL model reloads with its image processor
+            self.processor.save_pretrained(path)
 
 
 def _full_mask(t) -> torch.Tensor:
@@ -238,12 +243,12 @@ def _full_mask(t) -> torch.Tensor:
     return full
 
 
-def _stack_extra(extra: list[dict], device) -> dict:
+def _stack_extra(extra: list[dict], prompt_width: int, width: int, device) -> dict:
     if not extra:
         return {}
     from sapo.data.multimodal import collate_extra
 
-    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in collate_extra(extra).items()}
+    return {k: v.to(device) for k, v in collate_extra(extra, width, prompt_width=prompt_width).items()}
 
 
 def load_policy(cfg: TrainConfig) -> PolicyHandle:
@@ -262,6 +267,14 @@ def load_policy(cfg: TrainConfig) -> PolicyHandle:
         model, tokenizer = load_model(spec, dtype=cfg.dtype, device=device)
     except (FileNotFoundError, ValueError) as err:
         raise ConfigError(f"model={cfg.model!r}: {err}") from err
+    processor = None
+    from sapo.models.vl import is_vision_language, load_processor
+
+    if is_vision_language(model):
+        try:
+            processor = load_processor(spec, tokenizer, model)
+        except (FileNotFoundError, ValueError) as err:
+            raise ConfigError(f"model={cfg.model!r}: {err}") from err
     if cfg.routing_replay != "none" and not moe.is_moe(model):
         raise ConfigError(f"routing_replay={cfg.routing_replay} needs a Mixture-of-Experts model; "
                           f"{type(model).__name__} has no top-k router (use routing_replay=none)")
@@ -283,4 +296,5 @@ def load_policy(cfg: TrainConfig) -> PolicyHandle:
     if not eos:
         raise ConfigError(f"model={cfg.model!r}: the tokenizer has no EOS token; completions could never end")
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos)
-    return PolicyHandle(model, tokenizer, eos_token_ids=sorted(eos), pad_token_id=pad, lora=bool(cfg.lora_rank))
+    return PolicyHandle(model, tokenizer, eos_token_ids=sorted(eos), pad_token_id=pad, lora=bool(cfg.lora_rank),
+                        processor=processor)
