@@ -1,0 +1,109 @@
+"""The built-in visual task ``builtin:vl-digits``: read an arithmetic expression from an image, solve it.
+
+The image shows a one-operation expression of the built-in arithmetic task (``sapo.data.builtin``,
+operands 0..20, ``*`` by 0..9), one character per 32x32 cell (one image token of the tiny Qwen3-VL),
+drawn with Pillow with a random offset, ink and paper shade per character. The text prompt is "=\\n";
+the worked completion and the answer are the text task's:
+
+    image:       "12+7"  (4 cells, 128x32 pixels)
+    prompt:      "<image>=\\n"
+    completion:  "12+7=19 #### 19"
+    answer:      "19"
+
+Splits: a problem is held out when the text task holds out the same expression ("12+7=\\n",
+``heldout_split``), so the two built-in tasks share their split; the test split has distinct
+expressions (218 exist), the train split samples i.i.d. with a fresh drawing each time.
+"""
+
+from __future__ import annotations
+
+import io
+import random
+from functools import lru_cache
+
+from sapo.data.builtin import BUILTIN_ALPHABET, ArithDifficulty, _expression, _sample, worked_steps
+from sapo.data.example import Example, ExampleList, heldout_split
+
+VL_DIGITS = "builtin:vl-digits"
+VL_ALPHABET = BUILTIN_ALPHABET  # text characters of prompts and completions
+CELL = 32  # pixels per character cell = one image token (16-pixel patches, 2x2 merge)
+SPLITS = ("train", "test")
+
+
+@lru_cache(maxsize=1)
+def _font():
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=24)  # a scalable font where Pillow has FreeType
+    except (TypeError, OSError):  # no FreeType: the small bitmap font
+        return ImageFont.load_default()
+
+
+def render_expression(expression: str, rng: random.Random) -> bytes:
+    """A PNG of `expression`, one character per CELL x CELL cell, drawn with random offsets and shades."""
+    from PIL import Image, ImageDraw
+
+    paper = rng.randint(215, 255)
+    image = Image.new("RGB", (CELL * len(expression), CELL), (paper, paper, paper))
+    draw = ImageDraw.Draw(image)
+    font = _font()
+    for i, char in enumerate(expression):
+        left, top, right, bottom = draw.textbbox((0, 0), char, font=font)
+        x = i * CELL + (CELL - (right - left)) // 2 - left + rng.randint(-3, 3)
+        y = (CELL - (bottom - top)) // 2 - top + rng.randint(-3, 3)
+        ink = rng.randint(0, 80)
+        draw.text((x, y), char, fill=(ink, ink, ink), font=font)
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def make_visual_example(operands: list[int], operators: list[str], split: str, rng: random.Random) -> Example:
+    expression = _expression(operands, operators)
+    completion, answer = worked_steps(operands, operators)
+    return Example(
+        prompt="=\n", answer=str(answer), images=[render_expression(expression, rng)],
+        meta={"task": VL_DIGITS, "split": split, "expression": expression, "reference": completion,
+              "answer_format": "####", "instruction": ""},
+    )
+
+
+def visual_reference_completion(example: Example) -> str:
+    """The worked completion for the supervised warm start, e.g. "12+7=19 #### 19"."""
+    return example.meta["reference"]
+
+
+def visual_dataset(split: str = "train", n: int = 1000, seed: int = 0, *, heldout_fraction: float = 0.2,
+                   **difficulty) -> ExampleList:
+    """``n`` image problems of one split, deterministic in (split, n, seed, difficulty).
+
+    ``difficulty``: the fields of ``ArithDifficulty`` (default one operation, operands 0..20)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    d = ArithDifficulty(**{"min_ops": 1, "max_ops": 1, **difficulty})
+    rng = random.Random(seed)
+    examples = ExampleList(source=f"{VL_DIGITS}[{split}]")
+    seen: set[str] = set()
+    attempts, max_attempts = 0, 200 * n + 1000
+    while len(examples) < n:
+        attempts += 1
+        if attempts > max_attempts:
+            raise ValueError(f"{VL_DIGITS} found only {len(examples)} distinct {split} problems of the {n} asked "
+                             f"({d}); ask for fewer (the default difficulty has 218 test problems)")
+        operands, operators = _sample(rng, d)
+        expression = _expression(operands, operators)
+        if heldout_split(expression + "=\n", heldout_fraction) != split:
+            continue
+        if split == "test":
+            if expression in seen:
+                continue
+            seen.add(expression)
+        examples.append(make_visual_example(operands, operators, split, rng))
+    return examples
+
+
+__all__ = ["CELL", "VL_ALPHABET", "VL_DIGITS", "make_visual_example", "render_expression", "visual_dataset",
+           "visual_reference_completion"]
