@@ -190,7 +190,9 @@ def train(cfg: TrainConfig, overrides: dict | None = None) -> dict:
             return {"step": start_step, "finished": True}
         print(f"[sapo] resuming {out_dir} from step {start_step}", flush=True)
 
-    logger = RunLogger(out_dir, tensorboard=cfg.tensorboard, resume_step=start_step if cfg.resume else None)
+    # rows after the checkpoint are dropped; with no checkpoint the run starts over with fresh files
+    logger = RunLogger(out_dir, tensorboard=cfg.tensorboard,
+                       resume_step=start_step if checkpoint_path is not None else None)
     engine = make_engine(cfg.engine, model)
     loss_options = policy.loss_options(cfg)
     eval_temperature = cfg.temperature if cfg.eval_temperature < 0 else cfg.eval_temperature
