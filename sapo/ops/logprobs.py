@@ -65,36 +65,38 @@ def _torch_logits(hidden_c, weight, bias, inv_temperature) -> torch.Tensor:
 
 def _torch_stats(hidden_c, weight, bias, labels_c, inv_temperature, with_entropy, keep_logits=False):
     z = _torch_logits(hidden_c, weight, bias, inv_temperature)  # [n, V]
-    lse = torch.logsumexp(z, dim=-1)  # [n]
-    logp = z.gather(1, labels_c[:, None]).squeeze(1) - lse  # [n]
+    label_z = z.gather(1, labels_c[:, None]).squeeze(1)  # [n]
+    if keep_logits or with_entropy:
+        lse = torch.logsumexp(z, dim=-1)  # [n]
+    else:  # z is not needed afterwards: exponentiate in place, no second [n, V] buffer
+        top = z.amax(dim=-1)  # [n]
+        lse = top + z.sub_(top[:, None]).exp_().sum(-1).log()
     entropy = None
     if with_entropy:
         p = (z - lse[:, None]).exp_()  # [n, V]
         entropy = lse - p.mul_(z).sum(-1)  # [n]   H = lse - E_p[z]
         del p
-    return logp, lse, entropy, z if keep_logits else None
+    return label_z - lse, lse, entropy, z if keep_logits else None
 
 
 def _torch_dlogits(
     hidden_c, weight, bias, labels_c, lse, grad_logp, grad_entropy, entropy, inv_temperature, logits=None
 ):
     z = _torch_logits(hidden_c, weight, bias, inv_temperature) if logits is None else logits  # [n, V]
+    # dL/dlogits = (dL/dz) / T: fold 1/T into the per-row factors instead of a pass over [n, V]
+    g = None if grad_logp is None else grad_logp * inv_temperature  # [n]
+    g_h = None if grad_entropy is None else grad_entropy * inv_temperature  # [n]
     log_p = z.sub_(lse[:, None])  # [n, V] in place: log softmax
-    p = torch.exp(log_p)  # [n, V]
-    rows = torch.arange(z.shape[0], device=z.device)
-    if grad_entropy is not None:
-        # ge * dH/dz = -ge * p * (log p + H), then the logp term -g * p
-        dz = log_p.add_(entropy[:, None]).mul_(p).mul_(-grad_entropy[:, None])
-        if grad_logp is not None:
-            dz.addcmul_(p, grad_logp[:, None], value=-1.0)
-        del p
+    if g_h is None:
+        dz = log_p.exp_().mul_(-g[:, None])  # -g p, in place
     else:
-        del log_p
-        dz = p.mul_(-grad_logp[:, None])  # -g * p
-    if grad_logp is not None:
-        dz[rows, labels_c] += grad_logp  # + g * onehot
-    if inv_temperature != 1.0:
-        dz *= inv_temperature  # dz/dlogits = 1/T
+        p = torch.exp(log_p)  # [n, V]
+        dz = log_p.add_(entropy[:, None]).mul_(p).mul_(-g_h[:, None])  # g_H dH/dz = -g_H p (log p + H)
+        if g is not None:
+            dz.addcmul_(p, g[:, None], value=-1.0)  # - g p
+        del p
+    if g is not None:
+        dz[torch.arange(z.shape[0], device=z.device), labels_c] += g  # + g onehot
     return dz
 
 
