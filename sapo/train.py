@@ -160,7 +160,7 @@ def train(cfg: TrainConfig, overrides: dict | None = None) -> dict:
 
     # -- model, reference, data ---------------------------------------------------------------
     policy: PolicyHandle = load_policy(cfg)
-    task: TaskData = load_task(cfg, policy.tokenizer)
+    task: TaskData = load_task(cfg, policy.tokenizer, policy.processor)
     model = policy.model
     save_config(cfg, out_dir / "config.yaml")
 
@@ -173,7 +173,9 @@ def train(cfg: TrainConfig, overrides: dict | None = None) -> dict:
     scheduler = _make_scheduler(optimizer, cfg, total_updates)
     rollout_gen = torch.Generator().manual_seed(cfg.seed)
     sampler = PromptSampler(len(task.train), cfg.seed)
-    start_step, nonfinite_total, best_eval = 0, 0, None
+    start_step, nonfinite_total, nonfinite_run, best_eval = 0, 0, 0, None
+    # reward counters count per process; a run logs them from its own start, across resumes
+    counter_base, counter_offset = _counters(task.rewards.metrics()), {}
     # the KL reference is the starting policy: copy it before a checkpoint overwrites the weights
     reference = policy.reference() if cfg.beta > 0 else None
 
@@ -183,6 +185,8 @@ def train(cfg: TrainConfig, overrides: dict | None = None) -> dict:
         start_step = state["step"]
         sampler = PromptSampler(len(task.train), cfg.seed, **state["data"])
         nonfinite_total = state.get("nonfinite_total", 0)
+        nonfinite_run = state.get("nonfinite_run", 0)
+        counter_offset = state.get("reward_counters", {})
         best_eval = state.get("best_eval")
         if start_step >= cfg.max_steps:
             print(f"[sapo] run in {out_dir} already finished at step {start_step} (max_steps={cfg.max_steps}); "
@@ -208,13 +212,12 @@ def train(cfg: TrainConfig, overrides: dict | None = None) -> dict:
             max_new_tokens=cfg.max_completion_length, eos_token_ids=policy.eos_token_ids,
             pad_token_id=policy.pad_token_id, ks=[int(k) for k in cfg.eval_pass_k], greedy=cfg.eval_greedy,
             generator=torch.Generator().manual_seed(cfg.seed * 7919 + step),  # own stream: eval never shifts training
-            extra_inputs=[e.extra for e in task.eval] if task.eval[0].extra else None,
+            extra_inputs=[e.extra or {} for e in task.eval] if any(e.extra for e in task.eval) else None,
         )
         result.metrics["time/eval"] = time.perf_counter() - t0
         return result.metrics
 
     step_metrics: dict[str, float] = {}
-    nonfinite_run = 0
     progress = None
     if cfg.progress:
         from tqdm.auto import tqdm
@@ -237,13 +240,15 @@ def train(cfg: TrainConfig, overrides: dict | None = None) -> dict:
             idx = sampler.next(cfg.prompts_per_step)
             examples = [task.train[i] for i in idx]
             prompt_ids = [e.prompt_ids for e in examples for _ in range(cfg.num_generations)]
+            # per-row visual inputs (VL); text-only rows of a mixed batch have {}
+            row_extra = [e.extra or {} for e in examples for _ in range(cfg.num_generations)]
+            row_extra = row_extra if any(row_extra) else []
             t0 = time.perf_counter()
             batch = engine.generate(
                 prompt_ids, max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
                 top_p=cfg.top_p, top_k=cfg.top_k, eos_token_ids=policy.eos_token_ids,
                 pad_token_id=policy.pad_token_id, generator=rollout_gen,
-                extra_inputs=[e.extra for e in examples for _ in range(cfg.num_generations)]
-                if examples[0].extra else None,
+                extra_inputs=row_extra or None,
             )
             t_rollout = time.perf_counter() - t0
             # 2. rewards (the same code as evaluation), 3. group-normalised advantages
@@ -260,8 +265,7 @@ def train(cfg: TrainConfig, overrides: dict | None = None) -> dict:
             if cfg.drop_equal_groups:
                 keep_rows = (~equal).repeat_interleave(cfg.num_generations).nonzero().flatten()
             tensors = pack_rollout(batch, advantages.flatten(), policy.pad_token_id, cfg.mask_truncated)
-            if batch_extra := [e.extra for e in examples for _ in range(cfg.num_generations)] if examples[0].extra else []:
-                tensors.extra = batch_extra
+            tensors.extra = row_extra
             metrics: dict[str, float] = {
                 "reward/mean": rewards.mean().item(),
                 "reward/std": rewards.std().item() if rewards.numel() > 1 else 0.0,
@@ -272,6 +276,8 @@ def train(cfg: TrainConfig, overrides: dict | None = None) -> dict:
                 "advantage/abs_mean": advantages.abs().mean().item(),
                 **reward_out.metrics,
             }
+            for key, value in _counters(reward_out.metrics).items():
+                metrics[key] = value - counter_base.get(key, 0.0) + counter_offset.get(key, 0.0)
             updates_metrics: list[dict[str, float]] = []
             if len(keep_rows) > 0:
                 tensors = select_rows(tensors, keep_rows)
@@ -334,6 +340,7 @@ def train(cfg: TrainConfig, overrides: dict | None = None) -> dict:
                 ckpt.save_checkpoint(
                     out_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
                     trainer_state={"data": sampler.state(), "nonfinite_total": nonfinite_total,
+                                   "nonfinite_run": nonfinite_run, "reward_counters": _counters(metrics),
                                    "best_eval": best_eval, "max_steps": cfg.max_steps},
                     generators={"rollout": rollout_gen}, keep=cfg.keep_checkpoints,
                 )
@@ -351,6 +358,13 @@ def train(cfg: TrainConfig, overrides: dict | None = None) -> dict:
 
             write_report(out_dir)
     return step_metrics
+
+
+COUNTER_PREFIXES = ("reward/errors/", "reward/timeouts/", "math/")  # cumulative counts since process start
+
+
+def _counters(metrics: dict[str, float]) -> dict[str, float]:
+    return {k: v for k, v in metrics.items() if k.startswith(COUNTER_PREFIXES)}
 
 
 def _show(progress, metrics: dict) -> None:
