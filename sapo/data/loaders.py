@@ -88,6 +88,19 @@ def row_to_example(row: Any, prompt_field: str, answer_field: str, *, images_fie
     return Example(prompt=prompt, answer=answer, images=images, meta=meta)
 
 
+def _checked_images(images: list, base_dir: Path) -> list:
+    """Each image as a resolved path or its bytes, after checking it decodes (RowError otherwise)."""
+    from sapo.data.multimodal import ImageError, check_image
+
+    out = []
+    for i, image in enumerate(images):
+        try:
+            out.append(check_image(image, base_dir))
+        except ImageError as err:
+            raise RowError("bad_image", f"image {i}: {err}") from None
+    return out
+
+
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any, str | None]]:
     """(line number, parsed row or None, JSON error or None) for each non-blank line."""
     with path.open(encoding="utf-8") as f:
@@ -116,6 +129,8 @@ def _collect(rows: Iterator[tuple[int, Any, str | None]], where: str, path: Path
             if isinstance(row, dict):
                 fields_seen.update(row)
             example = row_to_example(row, prompt_field, answer_field, **row_kwargs)
+            if example.images:
+                example.images = _checked_images(example.images, path.parent)
         except RowError as err:
             message = f"{path}: {where} {number}: {err}"
             if on_error == "raise":

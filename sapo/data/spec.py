@@ -3,6 +3,7 @@
 | spec                          | what                                                         |
 |-------------------------------|--------------------------------------------------------------|
 | ``builtin:arith``             | the built-in arithmetic task (kwargs: split, n, seed, difficulty) |
+| ``builtin:vl-digits``         | the built-in visual task: the expression is in an image (same kwargs) |
 | ``gsm8k:PATH``, ``math500:PATH``, ``aime24:PATH``, ``amc23:PATH`` | a benchmark file; PATH may be empty for its file under ``default_data_dir()`` |
 | ``reasoning_gym:TASK``        | a reasoning-gym generator (kwargs: n, seed, split, task config) |
 | ``PATH.jsonl`` / ``PATH.parquet`` (or ``jsonl:PATH`` / ``parquet:PATH``) | a file with prompt_field / answer_field |
@@ -18,7 +19,7 @@ from sapo.data.example import ExampleList
 from sapo.data.loaders import load_jsonl, load_parquet
 from sapo.data.reasoning_gym_tasks import load_reasoning_gym
 
-SPEC_FORMS = ("builtin:arith", "gsm8k:PATH", "math500:PATH", "aime24:PATH", "amc23:PATH",
+SPEC_FORMS = ("builtin:arith", "builtin:vl-digits", "gsm8k:PATH", "math500:PATH", "aime24:PATH", "amc23:PATH",
               "reasoning_gym:TASK", "PATH.jsonl", "PATH.parquet")
 
 
@@ -34,8 +35,13 @@ def load_dataset_spec(spec: str, prompt_field: str | None = None, answer_field: 
     other kwargs go to the loader (``split``, ``n``, difficulty knobs, ``on_error``, ``limit``)."""
     kind, sep, rest = spec.partition(":")
     if sep and kind == "builtin":
+        if rest == "vl-digits":
+            from sapo.data.visual_task import visual_dataset
+
+            return visual_dataset(kwargs.pop("split", "train"), kwargs.pop("n", 1000), seed, **kwargs)
         if rest != "arith":
-            raise ValueError(f"unknown built-in task {spec!r}; the built-in task is 'builtin:arith'")
+            raise ValueError(f"unknown built-in task {spec!r}; the built-in tasks are 'builtin:arith', "
+                             "'builtin:vl-digits'")
         return builtin_dataset(kwargs.pop("split", "train"), kwargs.pop("n", 1000), seed, **kwargs)
     if sep and kind == "reasoning_gym":
         if not rest:
@@ -45,7 +51,8 @@ def load_dataset_spec(spec: str, prompt_field: str | None = None, answer_field: 
         if prompt_field or answer_field:  # a copy of the benchmark with other field names
             return load_jsonl(rest, prompt_field or BENCHMARKS[kind].prompt_field,
                               answer_field or BENCHMARKS[kind].answer_field, **_file_kwargs(kwargs))
-        return load_benchmark(kind, rest or None, **_file_kwargs(kwargs))
+        return load_benchmark(kind, rest or None, **{k: v for k, v in _file_kwargs(kwargs).items()
+                                                      if k != "images_field"})  # text benchmarks
     path = rest if sep and kind in ("jsonl", "parquet") else spec
     suffix = kind if sep and kind in ("jsonl", "parquet") else Path(path).suffix.lstrip(".")
     if suffix in ("jsonl", "json", "parquet"):
