@@ -37,7 +37,10 @@ def _load_examples(spec: str, cfg: TrainConfig, split: str, n: int):
     if spec == "builtin:arith":
         return builtin_dataset(split, n, seed=cfg.seed)
     try:
-        extra = {"split": split, "n": n} if spec.startswith("reasoning_gym:") else {}
+        if spec.startswith(("reasoning_gym:", "builtin:")):
+            extra = {"split": split, "n": n}
+        else:  # files: where their images are, what a bad row does
+            extra = {"images_field": cfg.images_field or None, "on_error": cfg.data_on_error}
         return load_dataset_spec(spec, prompt_field=cfg.prompt_field or None,
                                  answer_field=cfg.answer_field or None, seed=cfg.seed, **extra)
     except (FileNotFoundError, ValueError) as err:
@@ -66,7 +69,7 @@ def tokenize_examples(examples, tokenizer, cfg: TrainConfig, processor=None) -> 
 
 def load_task(cfg: TrainConfig, tokenizer, processor=None, *, eval_only: bool = False) -> TaskData:
     train_examples = [] if eval_only else _load_examples(cfg.dataset, cfg, "train", cfg.train_size)
-    eval_spec = cfg.eval_dataset or ("builtin:arith" if cfg.dataset == "builtin:arith" else "")
+    eval_spec = cfg.eval_dataset or (cfg.dataset if cfg.dataset in ("builtin:arith", "builtin:vl-digits") else "")
     eval_examples = _load_examples(eval_spec, cfg, "test", cfg.eval_num_problems) if eval_spec else []
     if cfg.eval_steps and eval_examples and len(eval_examples) > cfg.eval_num_problems:
         eval_examples = eval_examples[: cfg.eval_num_problems]
