@@ -146,5 +146,5 @@ def policy_loss(
 
     if not with_metrics:
         return loss, {}
-    metrics = policy_metrics(spec, maskf > 0, log_ratio, ratio, token_adv, policy, loss, kl_term, per_token_kl)
+    metrics = policy_metrics(spec, maskf, log_ratio, ratio, token_adv, policy, loss, kl_term, per_token_kl)
     return loss, metrics

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from sapo.objectives.presets import LossSpec, resolve
-from sapo.objectives.shaping import cispo_cap, soft_gate_weight, temperatures
+from sapo.objectives.shaping import cispo_cap, soft_gate_weight
 
 QUANTILES = (0.01, 0.10, 0.50, 0.90, 0.99)
 SIGN_QUANTILES = (0.10, 0.50, 0.90)
@@ -49,30 +49,25 @@ def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return torch.where(mask, values, 0.0).sum() / mask.sum()
 
 
-def masked_extreme(values: torch.Tensor, mask: torch.Tensor, largest: bool) -> torch.Tensor:
-    """max (largest) or min of values[mask]; nan when the mask is empty (also for zero-size inputs)."""
-    fill = -torch.inf if largest else torch.inf
-    flat = torch.cat([torch.where(mask, values, fill).flatten(), values.new_full((1,), fill)])
-    extreme = flat.max() if largest else flat.min()
-    return torch.where(mask.any(), extreme, torch.nan)
-
-
 def masked_quantiles(values: torch.Tensor, mask: torch.Tensor, qs) -> torch.Tensor:
-    """Linear-interpolation quantiles (torch.quantile's default) of values[mask], [Q]; nan when empty.
+    """Linear-interpolation quantiles (torch.quantile's default) of values[mask], [Q]; nan when empty."""
+    return quantiles(values[mask], qs)
 
-    On CPU, numpy's partition-based quantile (O(n); a full CPU sort of 256k values costs ~40 ms);
-    elsewhere a device sort without host sync.
+
+def quantiles(values: torch.Tensor, qs) -> torch.Tensor:
+    """[Q] float32 quantiles of a 1-D tensor (linear interpolation, like torch.quantile); nan when empty.
+
+    On CPU numpy's partition-based quantile (O(n); a CPU sort of 256k floats costs ~40 ms).
     """
+    if values.numel() == 0:
+        return torch.full((len(qs),), torch.nan, device=values.device)
     if values.device.type == "cpu":
-        selected = values[mask]
-        if selected.numel() == 0:
-            return torch.full((len(qs),), torch.nan)
-        return torch.from_numpy(np.quantile(selected.numpy(), qs)).float()
-    return sorted_quantiles(values, mask, qs)
+        return torch.from_numpy(np.quantile(values.numpy(), qs)).float()
+    return torch.quantile(values, torch.tensor(qs, device=values.device))
 
 
 def sorted_quantiles(values: torch.Tensor, mask: torch.Tensor, qs) -> torch.Tensor:
-    """masked_quantiles by sorting on the tensor's device, no sync: masked entries sort to the end."""
+    """masked_quantiles by a sort on the tensor's device, with no host sync: masked entries sort to the end."""
     # One extra +inf keeps the sorted vector non-empty.
     flat = torch.cat([torch.where(mask, values, torch.inf).flatten(), values.new_full((1,), torch.inf)])
     ordered = torch.sort(flat).values
@@ -85,76 +80,95 @@ def sorted_quantiles(values: torch.Tensor, mask: torch.Tensor, qs) -> torch.Tens
     return torch.where(count > 0, result, torch.nan)
 
 
-def _fraction(event: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    return masked_mean(event.float(), mask)
+def _mean(values: torch.Tensor) -> torch.Tensor:
+    return values.mean() if values.numel() else values.new_tensor(torch.nan)
+
+
+def _extremes(values: torch.Tensor) -> list[torch.Tensor]:
+    if values.numel() == 0:
+        return [values.new_tensor(torch.nan)] * 2
+    return [values.min(), values.max()]
+
+
+def _weighted_mean(values: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """sum(values * weights) / sum(weights) for finite values and 0/1 float weights; nan when all weights are 0."""
+    return (values * weights).sum() / weights.sum()
 
 
 @torch.no_grad()
 def policy_metrics(
     spec: LossSpec,
-    mask: torch.Tensor,  # [B, T] bool
-    log_ratio: torch.Tensor,  # [B, T] token log-ratios z, 0 at masked positions
-    ratio: torch.Tensor,  # [B, T] the ratio the objective shapes (r, s_i broadcast, or s_{i,t})
-    advantages: torch.Tensor,  # [B, T] float32, 0 at masked positions
+    mask: torch.Tensor,  # [B, T] float 0/1
+    log_ratio: torch.Tensor,  # [B, T] token log-ratios z: finite, 0 at masked positions
+    ratio: torch.Tensor,  # [B, T] the ratio the objective shapes (r, s_i broadcast, or s_{i,t}); finite
+    advantages: torch.Tensor,  # [B, 1] or [B, T] float32, 0 at masked positions
     policy: torch.Tensor,  # scalar policy loss
     total: torch.Tensor,  # scalar total loss
     kl_term: torch.Tensor | None = None,  # scalar beta * aggregated KL
-    token_kl: torch.Tensor | None = None,  # [B, T] per-token KL estimate
+    token_kl: torch.Tensor | None = None,  # [B, T] per-token KL estimate, 0 at masked positions
 ) -> dict[str, float]:
+    """The metrics dict. Token statistics work on the unmasked tokens gathered into 1-D vectors (on a
+    GPU that gather is one host sync), sequence statistics on masked [B, T] sums; one .tolist() at the end."""
+    B, T = mask.shape
     log_ratio, ratio, advantages = log_ratio.detach(), ratio.detach(), advantages.detach()
-    values: list[torch.Tensor] = []
     lengths = mask.sum(-1)  # [B]
-    nonempty = lengths > 0  # [B]
-    token_ratio = torch.exp(log_ratio)  # [B, T]
+    nonempty = (lengths > 0).float()  # [B]
+    safe_lengths = lengths.clamp(min=1)  # [B]
+    index = mask.flatten().nonzero().squeeze(-1)  # [N] flat indices of the real tokens
+    rows = index // T  # [N] sequence of each token
+    z = log_ratio.flatten()[index]  # [N]
+    token_ratio = torch.exp(z)  # [N]
+    token_adv = advantages[:, 0][rows] if advantages.shape[-1] == 1 else advantages.flatten()[index]  # [N]
+    values: list[torch.Tensor] = []
 
-    mean = masked_mean(token_ratio, mask)
-    variance = masked_mean((token_ratio - mean) ** 2, mask)
-    values += [mean, variance.sqrt()]
-    values += [masked_extreme(token_ratio, mask, largest=False), masked_extreme(token_ratio, mask, largest=True)]
-    values += list(masked_quantiles(log_ratio, mask, QUANTILES).unbind())
+    values += [_mean(token_ratio), token_ratio.std(unbiased=False) if index.numel() else token_ratio.new_tensor(torch.nan)]
+    values += _extremes(token_ratio)
+    values += list(quantiles(z, QUANTILES).unbind())
 
     # Var_i: in-sequence (population) variance of the token log-ratios, SAPO section 4.1.
-    seq_log_ratio = log_ratio.sum(-1) / lengths.clamp(min=1)  # [B]
-    centred = torch.where(mask, log_ratio - seq_log_ratio.unsqueeze(-1), 0.0)  # [B, T]
-    seq_var = centred.pow(2).sum(-1) / lengths.clamp(min=1)  # [B]
-    values += [masked_mean(seq_var, nonempty)]
+    seq_log_ratio = log_ratio.sum(-1) / safe_lengths  # [B]
+    seq_var = ((log_ratio - seq_log_ratio.unsqueeze(-1)).pow(2) * mask).sum(-1) / safe_lengths  # [B]
+    values += [_weighted_mean(seq_var, nonempty)]
 
     values += [policy.detach(), total.detach()]
     if spec.beta > 0:
-        values += [kl_term.detach(), masked_mean(token_kl.detach(), mask)]
+        values += [kl_term.detach(), _weighted_mean(token_kl.detach(), mask)]
     if spec.ratio_level != "token":
-        seq_ratio = torch.exp(seq_log_ratio)  # [B]
-        values += [masked_mean(seq_ratio, nonempty)]
-        values += [masked_extreme(seq_ratio, nonempty, largest=False), masked_extreme(seq_ratio, nonempty, largest=True)]
+        seq_ratio = torch.exp(seq_log_ratio)[lengths > 0]  # [B'] non-empty sequences
+        values += [_mean(seq_ratio), *_extremes(seq_ratio)]
 
-    positive, negative = mask & (advantages > 0), mask & (advantages < 0)
+    objective_ratio = ratio.flatten()[index] if spec.ratio_level != "sequence" else ratio[:, 0][rows]  # [N]
+    positive, negative = token_adv > 0, token_adv < 0  # [N]
     if spec.shaping == "clip":
         # A clipped token (or sequence) is one whose gradient the clip removes.
-        low = (ratio < 1 - spec.epsilon_low) & (advantages < 0)
-        high = (ratio > 1 + spec.epsilon_high) & (advantages > 0)
         if spec.ratio_level == "sequence":  # one decision per sequence: count sequences
-            low, high, where = (low & mask).any(-1), (high & mask).any(-1), nonempty
+            seq_ratio_all, seq_adv = ratio[:, 0], advantages[:, 0]  # [B]
+            low = ((seq_ratio_all < 1 - spec.epsilon_low) & (seq_adv < 0)).float()
+            high = ((seq_ratio_all > 1 + spec.epsilon_high) & (seq_adv > 0)).float()
+            values += [_weighted_mean(low, nonempty), _weighted_mean(high, nonempty),
+                       _weighted_mean(low + high, nonempty)]
         else:
-            where = mask
-        values += [_fraction(low, where), _fraction(high, where), _fraction(low | high, where)]
+            low = ((objective_ratio < 1 - spec.epsilon_low) & negative).float()
+            high = ((objective_ratio > 1 + spec.epsilon_high) & positive).float()
+            values += [_mean(low), _mean(high), _mean(low + high)]
     if spec.shaping == "cispo":
-        values += [_fraction(ratio > cispo_cap(spec), mask)]
+        values += [_mean((objective_ratio > cispo_cap(spec)).float())]
     if spec.shaping == "soft_gate":
-        tau = temperatures(advantages, spec.tau_pos, spec.tau_neg)  # [B, T]
-        gate = soft_gate_weight(ratio, tau)  # [B, T], w = sech^2(tau (r - 1) / 2)
-        small = gate < 0.5
-        values += [masked_mean(gate, mask), _fraction(small, mask)]
-        values += [masked_mean(gate, positive), masked_mean(gate, negative)]
-        values += [_fraction(small, positive), _fraction(small, negative)]
-        values += list(masked_quantiles(log_ratio, positive, SIGN_QUANTILES).unbind())
-        values += list(masked_quantiles(log_ratio, negative, SIGN_QUANTILES).unbind())
+        positive_f, negative_f = positive.float(), negative.float()
+        tau = spec.tau_neg + (spec.tau_pos - spec.tau_neg) * positive_f  # [N], tau_pos where A > 0 (shaping.py)
+        gate = soft_gate_weight(objective_ratio, tau)  # [N], w = sech^2(tau (r - 1) / 2)
+        small = (gate < 0.5).float()
+        values += [_mean(gate), _mean(small)]
+        values += [_weighted_mean(gate, positive_f), _weighted_mean(gate, negative_f)]
+        values += [_weighted_mean(small, positive_f), _weighted_mean(small, negative_f)]
+        values += list(quantiles(z[positive], SIGN_QUANTILES).unbind())
+        values += list(quantiles(z[negative], SIGN_QUANTILES).unbind())
         # Coherence (section 4.1): |mean_t g(z_t) - g(log s_i)| <= (tau^2 / 4) Var_i, g(z) = sech^2(tau z / 2).
-        token_gate = soft_gate_weight(1.0 + log_ratio, tau)  # [B, T]
-        seq_gate = soft_gate_weight(1.0 + seq_log_ratio.unsqueeze(-1), tau)  # [B, T]
-        gap = torch.where(mask, token_gate - seq_gate, 0.0).sum(-1).abs() / lengths.clamp(min=1)  # [B]
-        tau_sq = torch.where(mask, tau * tau, 0.0).sum(-1) / lengths.clamp(min=1)  # [B]
-        values += [masked_mean(gap, nonempty), masked_mean(tau_sq / 4 * seq_var, nonempty)]
+        gap_tokens = soft_gate_weight(1.0 + z, tau) - soft_gate_weight(1.0 + seq_log_ratio[rows], tau)  # [N]
+        gap = z.new_zeros(B).index_add_(0, rows, gap_tokens).abs() / safe_lengths  # [B]
+        tau_sq = z.new_zeros(B).index_add_(0, rows, tau * tau) / safe_lengths  # [B], mean tau^2 per sequence
+        values += [_weighted_mean(gap, nonempty), _weighted_mean(tau_sq / 4 * seq_var, nonempty)]
 
     names = metric_names(spec)
-    numbers = torch.stack([value.float() for value in values]).tolist()  # the one sync
+    numbers = torch.stack([value.float().reshape(()) for value in values]).tolist()  # the one sync
     return dict(zip(names, numbers, strict=True))
