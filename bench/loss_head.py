@@ -8,9 +8,10 @@
 Shapes: CPU N = 2,048 tokens, d = 512, V = 151,936, float32 (about 2 minutes on 2 cores);
         --device cuda: N = 16,384, d = 2,048, V = 151,936, bfloat16.
 Each variant runs in its own subprocess. Memory, printed as "peak extra":
-  cpu:  ru_maxrss (high-water RSS) after one step minus ru_maxrss once the inputs exist, i.e. the extra
-        resident memory the step needed at its peak, the [V, d] weight gradient included. glibc serves
-        large tensors with mmap, so freed blocks leave RSS and the figure tracks live tensor bytes.
+  cpu:  high-water RSS during one step (VmHWM, reset through /proc/self/clear_refs just before it) minus
+        the RSS then, i.e. the extra resident memory the step needed at its peak, the [V, d] weight
+        gradient included. glibc serves large tensors with mmap, so freed blocks leave RSS and the
+        figure tracks live tensor bytes.
   cuda: torch.cuda.max_memory_allocated during one step minus the bytes allocated by the inputs.
 Time: wall time of one step (cpu: min over --repeats runs; cuda: min over --repeats after a warm-up run,
 synchronised). The CPU is shared, so figures move with the load; ratios come from the same run.
@@ -20,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import subprocess
 import sys
 import time
@@ -43,7 +43,7 @@ def make_inputs(args):
     gen = torch.Generator().manual_seed(0)
     rows = args.n // SEQ_LEN
     hidden = torch.randn(args.n, args.d, generator=gen).to(device, dtype).requires_grad_(True)  # [N, d]
-    weight = (torch.randn(args.vocab, args.d, generator=gen) / args.d**0.5).to(device, dtype)  # [V, d]
+    weight = torch.randn(args.vocab, args.d, generator=gen).div_(args.d**0.5).to(device, dtype)  # [V, d]
     weight.requires_grad_(True)
     labels = torch.randint(0, args.vocab, (args.n,), generator=gen).to(device)  # [N]
     # old log-probs near log(1/V): ratios spread around 1 (their values do not change the cost)
@@ -80,8 +80,20 @@ def step(variant, inputs, args):
     loss.backward()
 
 
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+
+
+def reset_peak_rss() -> int:
+    """Reset the high-water RSS mark (Linux: clear_refs 5) and return the current RSS in bytes."""
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+    return _status_kib("VmRSS") * 1024
+
+
 def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return _status_kib("VmHWM") * 1024  # high-water RSS since the last reset
 
 
 def sync(device):
@@ -101,7 +113,7 @@ def child(args) -> dict:
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
     else:
-        base = peak_rss_bytes()
+        base = reset_peak_rss()
     times = []
     for _ in range(args.repeats):
         hidden.grad = weight.grad = None
@@ -140,7 +152,7 @@ def main() -> None:
 
     print(f"loss head fwd+bwd, device={args.device} N={args.n} d={args.d} V={args.vocab} {args.dtype}, "
           f"SAPO loss, chunk_size={args.chunk_size or 'default'}, repeats={args.repeats}")
-    memory_what = ("peak RSS of the step minus RSS with inputs allocated" if args.device == "cpu"
+    memory_what = ("high-water RSS during the step minus RSS before it" if args.device == "cpu"
                    else "torch.cuda.max_memory_allocated minus inputs")
     print(f"peak extra = {memory_what}; full fp32 logits would be {args.n * args.vocab * 4 / 2**20:,.0f} MiB")
     forwarded = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
