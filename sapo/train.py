@@ -276,8 +276,7 @@ def train(cfg: TrainConfig, overrides: dict | None = None) -> dict:
                 "advantage/abs_mean": advantages.abs().mean().item(),
                 **reward_out.metrics,
             }
-            for key, value in _counters(reward_out.metrics).items():
-                metrics[key] = value - counter_base.get(key, 0.0) + counter_offset.get(key, 0.0)
+            metrics.update(_run_counters(reward_out.metrics, counter_base, counter_offset))
             updates_metrics: list[dict[str, float]] = []
             if len(keep_rows) > 0:
                 tensors = select_rows(tensors, keep_rows)
@@ -340,7 +339,9 @@ def train(cfg: TrainConfig, overrides: dict | None = None) -> dict:
                 ckpt.save_checkpoint(
                     out_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
                     trainer_state={"data": sampler.state(), "nonfinite_total": nonfinite_total,
-                                   "nonfinite_run": nonfinite_run, "reward_counters": _counters(metrics),
+                                   "nonfinite_run": nonfinite_run,  # counters now: after this step's eval too
+                                   "reward_counters": _run_counters(task.rewards.metrics(), counter_base,
+                                                                    counter_offset),
                                    "best_eval": best_eval, "max_steps": cfg.max_steps},
                     generators={"rollout": rollout_gen}, keep=cfg.keep_checkpoints,
                 )
@@ -365,6 +366,11 @@ COUNTER_PREFIXES = ("reward/errors/", "reward/timeouts/", "math/")  # cumulative
 
 def _counters(metrics: dict[str, float]) -> dict[str, float]:
     return {k: v for k, v in metrics.items() if k.startswith(COUNTER_PREFIXES)}
+
+
+def _run_counters(metrics: dict[str, float], base: dict, offset: dict) -> dict[str, float]:
+    """This run's counts: the process's counts since train() started plus those before the resume."""
+    return {k: v - base.get(k, 0.0) + offset.get(k, 0.0) for k, v in _counters(metrics).items()}
 
 
 def _show(progress, metrics: dict) -> None:
