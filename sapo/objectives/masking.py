@@ -31,34 +31,44 @@ def float_mask(mask: torch.Tensor) -> torch.Tensor:
     return mask.float() if mask.dtype == torch.bool else (mask != 0).float()
 
 
-def _mask_in_place(
-    values: torch.Tensor, mask: torch.Tensor, bound: float, flag_nan: bool, finite: bool = False
-) -> torch.Tensor:
-    """Makes `values` finite (unless `finite` says it is already), zero where masked and clamped, in place;
-    returns the [] bool NaN flag."""
-    if not finite:
-        torch.nan_to_num_(values, nan=_NAN_MARK if flag_nan else 0.0, posinf=bound, neginf=-bound)
-    values.mul_(mask)  # exactly 0 where masked: every value is finite now
-    has_nan = torch.zeros((), dtype=torch.bool, device=values.device)
-    if flag_nan and values.numel():
-        has_nan = values.amax() == _NAN_MARK  # an unmasked NaN (+-inf became +-bound, below the mark)
+def _infinity(bound: float) -> float:
+    """What +inf becomes before clamping: beyond a real bound (so the clamp gives it no gradient)."""
+    return 2.0 * bound if bound < NO_BOUND else bound
+
+
+def _mask_in_place(values: torch.Tensor, mask: torch.Tensor, bound: float, flag_nan: bool) -> torch.Tensor:
+    """Makes `values` finite, zero where masked and clamped, in place; returns the [] bool NaN flag."""
+    big = _infinity(bound)
+    torch.nan_to_num_(values, nan=_NAN_MARK if flag_nan else 0.0, posinf=big, neginf=-big)
+    has_nan = _zero_and_flag(values, mask, flag_nan)
     if bound < NO_BOUND:
         values.clamp_(-bound, bound)
     return has_nan
 
 
+def _zero_and_flag(finite: torch.Tensor, mask: torch.Tensor, flag_nan: bool) -> torch.Tensor:
+    finite.mul_(mask)  # exactly 0 where masked: every value is finite now
+    if flag_nan and finite.numel():
+        return finite.amax() == _NAN_MARK  # an unmasked NaN (+-inf became at most 2 * bound, below the mark)
+    return torch.zeros((), dtype=torch.bool, device=finite.device)
+
+
 class _MaskedFinite(torch.autograd.Function):
     @staticmethod
     def forward(ctx, values, mask, bound, flag_nan):
-        result = torch.nan_to_num(values, nan=_NAN_MARK if flag_nan else 0.0, posinf=bound, neginf=-bound)
-        has_nan = _mask_in_place(result, mask, bound, flag_nan, finite=True)
+        big = _infinity(bound)
+        result = torch.nan_to_num(values, nan=_NAN_MARK if flag_nan else 0.0, posinf=big, neginf=-big)
+        has_nan = _zero_and_flag(result, mask, flag_nan)
         if ctx.needs_input_grad[0]:
-            # d result / d values: 1 strictly inside the bound at unmasked slots, else 0.
-            if bound < NO_BOUND:  # sign(bound - |x|) * mask, in place on one new tensor
-                weight = result.abs().neg_().add_(bound).sign_().mul_(mask)
+            # d result / d values, as torch.clamp: 1 where |x| <= bound at unmasked slots, else 0
+            # (sign(bound - |x|) is 1, 0, -1 inside, on, beyond the bound; + 1, capped at 1).
+            if bound < NO_BOUND:
+                weight = result.abs().neg_().add_(bound).sign_().add_(1.0).clamp_(max=1.0).mul_(mask)
             else:
                 weight = mask
             ctx.save_for_backward(weight)
+        if bound < NO_BOUND:
+            result.clamp_(-bound, bound)
         ctx.mark_non_differentiable(has_nan)
         return result, has_nan
 
@@ -75,9 +85,8 @@ def masked_finite(
     """(values at unmasked slots, clamped to [-bound, bound], exactly 0 at masked slots, float32;
     a [] bool that is True when an unmasked slot held NaN, always False with flag_nan=False).
 
-    `mask` is the float 0/1 mask. +-inf map to +-bound. With a bound, the gradient is 1 strictly inside
-    it at unmasked slots and 0 elsewhere (torch.clamp also passes it on the bound); without one (NO_BOUND)
-    it is the mask. owned=True: `values` is a float32 temporary of the caller's, which may be reused
+    `mask` is the float 0/1 mask. +-inf map to +-bound. The gradient is torch.clamp's at unmasked slots
+    (1 for |x| <= bound, 0 beyond, 0 for +-inf) and 0 at masked slots. owned=True: `values` is a float32 temporary of the caller's, which may be reused
     in place when no gradient is needed (saves an allocation).
     """
     values = values.float()

@@ -401,3 +401,17 @@ def test_nan_in_real_advantages_reference_or_token_weights_makes_the_loss_nan():
     assert math.isnan(policy_loss(logprobs, old, token_adv, mask, "sapo")[0].item())
     assert math.isnan(policy_loss(logprobs, old, advantages, mask, "sapo", token_weights=1 + bad)[0].item())
     assert math.isnan(policy_loss(logprobs, old, advantages, mask, "sapo", beta=0.1, ref_logprobs=old + bad)[0].item())
+
+
+@pytest.mark.parametrize("loss_type", ["sapo", "grpo", "cispo"])
+def test_clamp_bound_gradients_match_token_loss(loss_type):
+    """The masked clamp in policy_loss passes gradients exactly like torch.clamp in token_loss."""
+    logprobs = torch.zeros(1, 5, requires_grad=True)
+    old = torch.tensor([[-20.0, 20.0, -25.0, 0.1, 19.0]])  # log r = 20, -20, 25, -0.1, -19
+    advantages, mask = torch.tensor([0.5]), torch.ones(1, 5, dtype=torch.bool)
+    spec = resolve(loss_type)
+    fused = (token_loss(logprobs, old, advantages, spec) * aggregation_weights(mask, spec)).sum()
+    (expected,) = torch.autograd.grad(fused, logprobs)
+    loss, _ = policy_loss(logprobs, old, advantages, mask, loss_type)
+    (grad,) = torch.autograd.grad(loss, logprobs)
+    assert torch.equal(grad, expected)

@@ -23,12 +23,15 @@ def test_masked_finite_zeroes_garbage_in_masked_slots_values_and_gradient():
     assert values.grad.tolist() == [3.0, 0.0, 0.0, 0.0, 3.0]
 
 
-def test_masked_finite_clamps_like_torch_clamp_inside_the_bound():
-    values = torch.tensor([-30.0, -5.0, 0.5, 19.0, 25.0, INF, -INF], requires_grad=True)
-    out, _ = masked_finite(values, torch.ones(7), 20.0)
-    assert out.tolist() == [-20.0, -5.0, 0.5, 19.0, 20.0, 20.0, -20.0]
+def test_masked_finite_clamps_like_torch_clamp():
+    raw = [-30.0, -20.0, -5.0, 0.5, 19.0, 20.0, 25.0, INF, -INF]
+    values = torch.tensor(raw, requires_grad=True)
+    out, _ = masked_finite(values, torch.ones(len(raw)), 20.0)
+    assert out.tolist() == [-20.0, -20.0, -5.0, 0.5, 19.0, 20.0, 20.0, 20.0, -20.0]
     out.sum().backward()
-    assert values.grad.tolist() == [0.0, 1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+    reference = torch.tensor(raw, requires_grad=True)
+    reference.clamp(-20.0, 20.0).sum().backward()
+    assert values.grad.tolist() == reference.grad.tolist() == [0, 1, 1, 1, 1, 1, 0, 0, 0]
 
 
 def test_masked_finite_flags_only_unmasked_nans():
