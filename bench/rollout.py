@@ -68,7 +68,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cache", default="static", choices=["static", "dynamic"])
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (GPU)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="CPU threads (default 1: the 2-core dev machine is shared, more threads only add noise)")
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     args.new_tokens = args.new_tokens or (256 if args.device == "cuda" else 96)
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
     torch.manual_seed(0)

@@ -16,15 +16,19 @@ value is still ``log_softmax(logits / temperature)`` of the argmax token.
 
 A vLLM engine (not shipped)
 ---------------------------
-vLLM cannot be installed or tested on the machines this project runs on (CUDA-only wheel that pins its own
-torch), so there is no vLLM code here. It would plug in as one more class with the same ``generate``:
-(1) weights sync: after each optimizer step, push the policy's state dict into the vLLM worker
-(``llm.llm_engine.model_executor.driver_worker.model_runner.model.load_weights(state_dict.items())``
-in colocated mode, or an NCCL broadcast to a vLLM server), and reset its prefix cache, since cached KV
-was computed with the old weights; (2) log-probs: request ``SamplingParams(logprobs=0)`` so each output
-carries the sampled token's log-prob, and choose vLLM's logprobs mode so it matches the definition above
-(log-probs after temperature, before top-k/top-p); (3) seeds: ``SamplingParams(seed=...)`` per request
-from our ``torch.Generator``; (4) multimodal prompts go in as ``multi_modal_data``.
+vLLM cannot be installed or tested on the machines this project runs on (a CUDA-only wheel that pins its
+own torch), so no vLLM code ships here. It would plug in as one more class with this ``generate`` and one
+more entry in ``make_engine``:
+(1) weights sync: vLLM holds its own copy of the weights, so after every optimizer step the engine must
+push the policy's state dict into the vLLM model (``load_weights`` on the worker's model when colocated,
+or an NCCL broadcast to a separate vLLM server), then reset vLLM's prefix cache, whose KV entries were
+computed with the old weights; without the sync it samples from a stale policy.
+(2) log-probs: ask for the sampled token's log-prob (``SamplingParams(logprobs=0)``) and configure which
+distribution vLLM reports so it matches the definition above (after temperature, before top-k/top-p);
+vLLM's kernels differ from the trainer's, so expect small train/inference mismatches and measure them
+against a teacher-forced forward, as the tests here do for our engines.
+(3) seeds: one ``SamplingParams(seed=...)`` per prompt, drawn from our ``torch.Generator``.
+(4) multimodal prompts go in as vLLM's ``multi_modal_data`` with the raw images.
 """
 
 from __future__ import annotations

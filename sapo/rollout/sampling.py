@@ -52,7 +52,8 @@ def sample_tokens(
         tokens = scaled.argmax(dim=-1)  # [N]
     else:
         cdf = filter_logits(scaled, top_k, top_p).softmax(dim=-1).cumsum(dim=-1)  # [N, V]
-        u = torch.rand((cdf.shape[0], 1), generator=generator, device=cdf.device)  # [N, 1]
+        rng_device = generator.device if generator is not None else cdf.device  # a CPU generator may drive a GPU
+        u = torch.rand((cdf.shape[0], 1), generator=generator, device=rng_device).to(cdf.device)  # [N, 1]
         tokens = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)  # [N]
         tokens = tokens.clamp(max=cdf.shape[-1] - 1)
     return tokens, logprobs.gather(-1, tokens[:, None]).squeeze(-1)

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from conftest import VOCAB, image_prompt_rows, teacher_forced_logprobs, tiny_qwen3_vl
+from conftest import VOCAB, image_prompt_rows, teacher_forced_logprobs, tiny_qwen3, tiny_qwen3_vl
 
 from sapo.rollout import HFEngine, TorchEngine, make_engine
 
@@ -120,3 +120,11 @@ def test_qwen3_vl_image_prompts_match_hf_and_teacher_forcing():
 def test_unknown_cache_kind():
     with pytest.raises(ValueError, match="cache must be 'static' or 'dynamic'"):
         TorchEngine(torch.nn.Linear(1, 1), cache="paged")
+
+
+@pytest.mark.slow
+def test_compiled_decode_matches_eager(prompts):
+    model = tiny_qwen3()  # ~70 s to compile on the shared CPU
+    eager = greedy(TorchEngine(model), prompts, UNUSED_EOS, max_new_tokens=6)
+    compiled = greedy(TorchEngine(model, compile=True), prompts, UNUSED_EOS, max_new_tokens=6)
+    assert compiled.completion_ids == eager.completion_ids
