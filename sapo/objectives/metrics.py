@@ -44,40 +44,30 @@ def metric_names(loss_type: str | LossSpec = "sapo", **options) -> list[str]:
     return names
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of `values` where `mask` (bool, same shape); nan when the mask is empty."""
-    return torch.where(mask, values, 0.0).sum() / mask.sum()
-
-
-def masked_quantiles(values: torch.Tensor, mask: torch.Tensor, qs) -> torch.Tensor:
-    """Linear-interpolation quantiles (torch.quantile's default) of values[mask], [Q]; nan when empty."""
-    return quantiles(values[mask], qs)
-
-
 def quantiles(values: torch.Tensor, qs) -> torch.Tensor:
     """[Q] float32 quantiles of a 1-D tensor (linear interpolation, like torch.quantile); nan when empty.
 
-    On CPU numpy's partition-based quantile (O(n); a CPU sort of 256k floats costs ~40 ms).
+    On CPU numpy's partition-based quantile (O(n); a CPU sort of 256k floats costs ~40 ms), elsewhere
+    a device sort.
     """
     if values.numel() == 0:
         return torch.full((len(qs),), torch.nan, device=values.device)
     if values.device.type == "cpu":
-        return torch.from_numpy(np.quantile(values.numpy(), qs)).float()
-    return torch.quantile(values, torch.tensor(qs, device=values.device))
+        return numpy_quantiles(values, qs)
+    return torch_quantiles(values, qs)
 
 
-def sorted_quantiles(values: torch.Tensor, mask: torch.Tensor, qs) -> torch.Tensor:
-    """masked_quantiles by a sort on the tensor's device, with no host sync: masked entries sort to the end."""
-    # One extra +inf keeps the sorted vector non-empty.
-    flat = torch.cat([torch.where(mask, values, torch.inf).flatten(), values.new_full((1,), torch.inf)])
-    ordered = torch.sort(flat).values
-    count = mask.sum()
-    position = torch.tensor(qs, dtype=torch.float32, device=values.device) * (count - 1).clamp(min=0)  # [Q]
-    low = position.floor().long()
-    high = position.ceil().long()
+def numpy_quantiles(values: torch.Tensor, qs) -> torch.Tensor:
+    return torch.from_numpy(np.quantile(values.numpy(), qs)).float()
+
+
+def torch_quantiles(values: torch.Tensor, qs) -> torch.Tensor:
+    """By a sort on the tensor's device (torch.quantile refuses inputs above 2^24 elements)."""
+    ordered = torch.sort(values.float()).values  # [N]
+    position = torch.tensor(qs, dtype=torch.float32, device=values.device) * (values.numel() - 1)  # [Q]
+    low, high = position.floor().long(), position.ceil().long()
     frac = position - low
-    result = ordered[low] * (1 - frac) + ordered[high] * frac
-    return torch.where(count > 0, result, torch.nan)
+    return ordered[low] * (1 - frac) + ordered[high] * frac
 
 
 def _mean(values: torch.Tensor) -> torch.Tensor:
