@@ -87,6 +87,11 @@ def policy_loss(
     _check_shapes(logprobs, old_logprobs, advantages, mask, ref_logprobs, token_weights)
     if spec.beta > 0 and ref_logprobs is None:
         raise ValueError(f"beta={spec.beta} > 0 needs ref_logprobs ([B, T] reference-model log-probs)")
+    if spec.ratio_level == "sequence" and advantages.dim() != 1:
+        raise ValueError(
+            "ratio_level='sequence' (gspo) needs per-sequence advantages of shape [B]; for per-token "
+            "advantages use loss_type='gspo_token' (ratio_level='sequence_token')"
+        )
     if token_weights is not None and spec.ratio_level == "sequence":
         raise ValueError("token_weights multiply per-token losses: use ratio_level 'token' or 'sequence_token'")
 
@@ -107,11 +112,6 @@ def policy_loss(
     shape_fn = SHAPINGS[spec.shaping]
 
     if spec.ratio_level == "sequence":
-        if advantages.dim() != 1:
-            raise ValueError(
-                "ratio_level='sequence' (gspo) needs per-sequence advantages of shape [B]; for per-token "
-                "advantages use loss_type='gspo_token' (ratio_level='sequence_token')"
-            )
         seq_log_ratio = sequence_log_ratio(log_ratio, maskf)  # [B]
         seq_ratio = torch.exp(seq_log_ratio)  # s_i, GSPO eq. 7
         seq_loss = shape_fn(seq_ratio, token_adv.squeeze(-1), None, spec)  # [B]
