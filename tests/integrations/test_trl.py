@@ -85,16 +85,19 @@ CASES = {
 
 
 @pytest.mark.parametrize(
-    "objective, mode, beta, entropy_quantile",
-    [(name, "train", 0.0, 1.0) for name in CASES]
-    + [("sapo", "eval", 0.0, 1.0), ("dapo", "eval", 0.0, 1.0), ("sapo", "train", 0.04, 1.0),
-       ("sapo", "train", 0.0, 0.5), ("dapo", "train", 0.04, 0.5)],
+    "objective, mode, options",
+    [(name, "train", {}) for name in CASES]
+    + [("sapo", "eval", {}), ("dapo", "eval", {}), ("sapo", "train", {"beta": 0.04}),
+       ("sapo", "train", {"top_entropy_quantile": 0.5}), ("dapo", "train", {"beta": 0.04, "top_entropy_quantile": 0.5}),
+       ("sapo", "train", {"off_policy_mask_threshold": 0.05})],
 )
-def test_loss_and_gradient_equal_trl(trainer, monkeypatch, objective, mode, beta, entropy_quantile):
+def test_loss_and_gradient_equal_trl(trainer, monkeypatch, objective, mode, options):
     loss_type, level, eps_low, eps_high = CASES[objective]
-    for name, value in dict(loss_type=loss_type, importance_sampling_level=level, epsilon_low=eps_low,
-                            epsilon_high=eps_high, beta=beta, top_entropy_quantile=entropy_quantile,
-                            current_gradient_accumulation_steps=2).items():
+    beta = options.get("beta", 0.0)
+    settings = dict(loss_type=loss_type, importance_sampling_level=level, epsilon_low=eps_low, epsilon_high=eps_high,
+                    beta=0.0, top_entropy_quantile=1.0, off_policy_mask_threshold=None,
+                    current_gradient_accumulation_steps=2)
+    for name, value in {**settings, **options}.items():
         monkeypatch.setattr(trainer, name, value, raising=False)  # the last one is set by train()
     monkeypatch.setattr(trainer.args, "steps_per_generation", 2)
     monkeypatch.setattr(trainer.args, "use_bias_correction_kl", False)
