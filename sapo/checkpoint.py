@@ -171,4 +171,9 @@ def load_checkpoint(
     if scheduler is not None:
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
     set_rng_state(torch.load(path / "rng.pt", map_location="cpu", weights_only=False), generators)
-    return json.loads((path / "trainer_state.json").read_text())
+    return read_trainer_state(path)
+
+
+def read_trainer_state(path: str | Path) -> dict[str, Any]:
+    """The step, data position and counters of a checkpoint, without loading any tensor."""
+    return json.loads((Path(path) / "trainer_state.json").read_text())

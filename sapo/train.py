@@ -147,6 +147,11 @@ def train(cfg: TrainConfig, overrides: dict | None = None) -> dict:
                 f"resume={cfg.output_dir}: no complete checkpoint found (the run stopped before its first "
                 "save); starting again from step 0", stacklevel=2,
             )
+        elif (done := ckpt.read_trainer_state(checkpoint_path)["step"]) >= cfg.max_steps:
+            # say so before loading anything (raise max_steps on resume to train further)
+            print(f"[sapo] run in {cfg.output_dir} already finished at step {done} (max_steps={cfg.max_steps}); "
+                  "nothing to do", flush=True)
+            return {"step": done, "finished": True}
     out_dir = Path(cfg.output_dir)
     if not cfg.resume and ckpt.list_checkpoints(out_dir):
         raise ConfigError(
@@ -188,10 +193,6 @@ def train(cfg: TrainConfig, overrides: dict | None = None) -> dict:
         nonfinite_run = state.get("nonfinite_run", 0)
         counter_offset = state.get("reward_counters", {})
         best_eval = state.get("best_eval")
-        if start_step >= cfg.max_steps:
-            print(f"[sapo] run in {out_dir} already finished at step {start_step} (max_steps={cfg.max_steps}); "
-                  "nothing to do", flush=True)
-            return {"step": start_step, "finished": True}
         print(f"[sapo] resuming {out_dir} from step {start_step}", flush=True)
 
     # rows after the checkpoint are dropped; with no checkpoint the run starts over with fresh files
