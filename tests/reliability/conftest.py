@@ -13,6 +13,8 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[2]
+if str(REPO) not in sys.path:  # user reward modules are imported as tests.reliability.user_rewards
+    sys.path.insert(0, str(REPO))
 WARMSTART_STEPS = 20
 TINY = [
     f"warmstart_steps={WARMSTART_STEPS}", "train_size=200", "prompts_per_step=4", "num_generations=4",

@@ -1,7 +1,10 @@
-"""Crash safety: SIGKILL mid-step and mid-checkpoint, Ctrl-C, resume == an uninterrupted run.
+"""Crash safety: one run interrupted every way there is, then resumed, equals an uninterrupted run.
 
-Every run is `python -m sapo train ...` in a subprocess with threads=1 and the same seed; the
-resumed runs must end with bit-identical weights and metrics.jsonl rows (wall-time keys aside).
+Every run is `python -m sapo train ...` in a subprocess with threads=1 and the same seed. The
+interrupted run is killed before its first checkpoint, stopped with a real Ctrl-C (SIGINT),
+SIGKILLed half-way through writing a checkpoint and SIGKILLed in the middle of an update, and
+resumed after each; it must end with bit-identical weights and metrics.jsonl rows (wall-time keys
+aside) and a resume of the finished run must say so and exit 0.
 """
 
 from __future__ import annotations
@@ -9,13 +12,15 @@ from __future__ import annotations
 import signal
 import subprocess
 import time
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, USER, checkpoint_weights, metric_rows, run_sapo, sapo_cmd, sapo_env
+from conftest import REPO, TINY, USER, checkpoint_weights, metric_rows, run_sapo, sapo_cmd, sapo_env
 
 from sapo.checkpoint import list_checkpoints
+from sapo.cli import main
 
 MAX_STEPS = 4
 # varied rewards (non-zero gradients), a KL reference (must survive resume), eval mid-run
@@ -23,81 +28,103 @@ RUN = [*TINY, f"max_steps={MAX_STEPS}", "save_steps=1", "keep_checkpoints=2", "e
        f"rewards=[math,{USER}:length_reward]"]
 
 
-def _train(cache: Path, out: Path, *extra: str, **env: str) -> subprocess.CompletedProcess:
-    return run_sapo(cache, ["train", *RUN, f"output_dir={out}", *extra], **env)
-
-
-def _resume(cache: Path, out: Path, **env: str) -> subprocess.CompletedProcess:
-    return run_sapo(cache, ["train", f"resume={out}"], **env)
+def _steps(out: Path) -> list[int]:
+    return [s for s, _ in list_checkpoints(out)]
 
 
 @pytest.fixture(scope="module")
 def reference_run(sapo_cache, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("uninterrupted") / "run"
-    proc = _train(sapo_cache, out)
+    proc = run_sapo(sapo_cache, ["train", *RUN, f"output_dir={out}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out
 
 
-def _assert_same_run(out: Path, reference: Path) -> None:
-    got, want = metric_rows(out), metric_rows(reference)
+def test_reference_run_changes_the_weights(reference_run):
+    # otherwise "resume gives the same weights" would hold trivially
+    first = torch.load(sorted(reference_run.glob("checkpoint-*"))[0] / "model.pt", weights_only=True)
+    last = checkpoint_weights(reference_run)
+    assert any(not torch.equal(first[k], last[k]) for k in first)
+    assert _steps(reference_run) == [MAX_STEPS - 1, MAX_STEPS]
+
+
+def _ctrl_c_during_step_2(cache: Path, out: Path) -> subprocess.CompletedProcess:
+    """Resume `out`, send SIGINT once checkpoint-1 is written (step 2's slowed reward is then
+    running; in the rare case it lands before step 1's last line, the run stops at step 1)."""
+    env = sapo_env(cache, SAPO_TEST_REWARD_SLEEP="2")
+    proc = subprocess.Popen(sapo_cmd("train", f"resume={out}"), cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while proc.poll() is None and time.monotonic() < deadline and not _steps(out):
+        time.sleep(0.02)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=180)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
+def test_interrupted_every_way_then_resumed_is_bit_identical(reference_run, sapo_cache, tmp_path):
+    out = tmp_path / "run"
+    # 1. SIGKILL in the middle of step 1: no checkpoint yet
+    proc = run_sapo(sapo_cache, ["train", *RUN, f"output_dir={out}"], SAPO_TEST_KILL_AT="step:1")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert _steps(out) == [] and (out / "config.yaml").exists()
+
+    # 2. resume: warns and starts from step 0; Ctrl-C in step 2 checkpoints step 2 and exits 0
+    proc = _ctrl_c_during_step_2(sapo_cache, out)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "no complete checkpoint found" in proc.stderr and "starting again from step 0" in proc.stderr
+    assert "interrupt: finishing this step" in proc.stdout and f"resume with: sapo train resume={out}" in proc.stdout
+    stopped = _steps(out)[-1]
+    assert stopped in (1, 2) and [r["step"] for r in metric_rows(out)] == list(range(stopped + 1))
+    assert not (out / "final_model").exists()
+
+    # 3. SIGKILL after part of checkpoint-3 is written: the partial folder is ignored
+    proc = run_sapo(sapo_cache, ["train", f"resume={out}"], SAPO_TEST_KILL_AT="checkpoint:3")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert "resuming" in proc.stdout and f"from step {stopped}" in proc.stdout
+    assert _steps(out) == [1, 2] and (out / "checkpoint-000003.tmp" / "model.pt").exists()
+
+    # 4. SIGKILL in the middle of step 4 (after its first optimizer update)
+    proc = run_sapo(sapo_cache, ["train", f"resume={out}"], SAPO_TEST_KILL_AT="step:4")
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert _steps(out) == [2, 3] and not list(out.glob("*.tmp"))
+    assert [r["step"] for r in metric_rows(out)] == [0, 1, 2, 3]
+
+    # 5. the last resume finishes the run
+    proc = run_sapo(sapo_cache, ["train", f"resume={out}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "from step 3" in proc.stdout and (out / "final_model" / "config.json").exists()
+
+    got, want = metric_rows(out), metric_rows(reference_run)
     assert [r["step"] for r in got] == list(range(MAX_STEPS + 1))
     for g, w in zip(got, want):
         assert g == w, {k: (g.get(k), w.get(k)) for k in set(g) | set(w) if g.get(k) != w.get(k)}
-    a, b = checkpoint_weights(out), checkpoint_weights(reference)
-    assert a.keys() == b.keys()
-    for name in a:
-        assert torch.equal(a[name], b[name]), name
-    assert [s for s, _ in list_checkpoints(out)] == [MAX_STEPS - 1, MAX_STEPS]
+    a, b = checkpoint_weights(out), checkpoint_weights(reference_run)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert _steps(out) == [MAX_STEPS - 1, MAX_STEPS]
 
-
-def test_reference_run_changes_the_weights(reference_run, sapo_cache):
-    # otherwise "resume gives the same weights" would hold trivially
-    from sapo.models.loading import load_model
-
-    first = torch.load(sorted(reference_run.glob("checkpoint-*"))[0] / "model.pt", weights_only=True)
-    final, _ = load_model(str(reference_run / "final_model"), dtype="float32", device="cpu")
-    changed = [n for n, p in final.named_parameters() if n in first and not torch.equal(p.detach(), first[n])]
-    assert changed
-
-
-@pytest.mark.parametrize("where", ["step:3", "checkpoint:3"])
-def test_sigkill_then_resume_is_bit_identical(where, reference_run, sapo_cache, tmp_path):
-    out = tmp_path / "run"
-    proc = _train(sapo_cache, out, SAPO_TEST_KILL_AT=where)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
-    assert [s for s, _ in list_checkpoints(out)] == [1, 2]  # the step-3 checkpoint never completed
-    if where.startswith("checkpoint"):
-        assert (out / "checkpoint-000003.tmp" / "model.pt").exists()  # killed half-way through writing it
-    proc = _resume(sapo_cache, out)
+    # 6. resuming the finished run: says so, exits 0, touches nothing
+    before = (out / "metrics.jsonl").read_text()
+    proc = run_sapo(sapo_cache, ["train", f"resume={out}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "resuming" in proc.stdout and "from step 2" in proc.stdout
-    assert not list(out.glob("*.tmp"))
-    _assert_same_run(out, reference_run)
+    assert f"already finished at step {MAX_STEPS}" in proc.stdout
+    assert (out / "metrics.jsonl").read_text() == before
 
 
-def test_ctrl_c_checkpoints_at_step_end_then_resume(reference_run, sapo_cache, tmp_path):
-    out = tmp_path / "run"
-    env = sapo_env(sapo_cache, SAPO_TEST_REWARD_SLEEP="0.4")
-    cmd = sapo_cmd("train", *RUN, f"output_dir={out}", "max_steps=40")
-    proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[2], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
-    metrics = out / "metrics.jsonl"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline and proc.poll() is None:
-        if metrics.exists() and '"step": 1' in metrics.read_text():
-            break
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=180)
-    assert proc.returncode == 0, stderr[-3000:]
-    assert "interrupt: finishing this step" in stdout and "resume with" in stdout
-    rows = metric_rows(out)
-    stopped = rows[-1]["step"]
-    assert 1 <= stopped < MAX_STEPS, stopped
-    assert list_checkpoints(out)[-1][0] == stopped  # checkpoint of the step that was running
-    assert not (out / "final_model").exists()
-    proc = _resume(sapo_cache, out, **{"max_steps": "x"}) if False else run_sapo(
-        sapo_cache, ["train", f"resume={out}", f"max_steps={MAX_STEPS}"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    _assert_same_run(out, reference_run)
+def test_new_run_into_a_folder_with_checkpoints_is_refused(reference_run, sapo_cache, capsys):
+    before = {p: p.stat().st_mtime_ns for p in reference_run.rglob("*")}
+    with warnings.catch_warnings():
+        code = main(["train", *RUN, f"output_dir={reference_run}"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"output_dir={reference_run} already holds a run with checkpoints" in err
+    assert f"resume={reference_run}" in err and "nothing was overwritten" in err
+    assert {p: p.stat().st_mtime_ns for p in reference_run.rglob("*")} == before
+
+
+def test_resume_refuses_changed_keys_and_missing_runs(reference_run, tmp_path, capsys):
+    assert main(["train", f"resume={reference_run}", "lr=0.5"]) == 2
+    assert "cannot change on resume: lr" in capsys.readouterr().err
+    assert main(["train", f"resume={tmp_path}"]) == 2
+    assert "no config.yaml there" in capsys.readouterr().err
