@@ -54,8 +54,8 @@ class _FusedTokenPolicyLoss(torch.autograd.Function):
         loss = torch.zeros((), dtype=torch.float32, device=hidden.device)
         for start in range(0, n, chunk_size):
             rows = slice(start, min(start + chunk_size, n))
-            # matmul 1 of 3: z of this chunk, kept for the gradient below
-            logp_c, lse_c, ent_c, z = kernels.stats(
+            # matmul 1 of 3; what the gradient below needs of this chunk's logits is kept
+            logp_c, lse_c, ent_c, kept = kernels.stats(
                 hidden[rows], weight_k, None, labels[rows], inv_temperature, with_entropy, True
             )
             logp[rows] = logp_c
@@ -67,11 +67,11 @@ class _FusedTokenPolicyLoss(torch.autograd.Function):
             loss += loss_c
             if need_h or need_w:
                 dlogits = kernels.dlogits(
-                    hidden[rows], weight_k, None, labels[rows], lse_c, grad_logp, None, None, inv_temperature, z
+                    hidden[rows], weight_k, None, labels[rows], lse_c, grad_logp, None, None, inv_temperature, kept
                 )
                 accumulate_grads(dlogits, hidden, rows, weight_k, grad_hidden, grad_weight, None)  # matmuls 2, 3
                 del dlogits
-            del z
+            del kept
         ctx.save_for_backward(grad_hidden, None if grad_weight is None else grad_weight.to(weight.dtype))
         ctx.mark_non_differentiable(logp)
         if with_entropy:

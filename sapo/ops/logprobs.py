@@ -31,11 +31,12 @@ CUDA_CHUNK_BYTES = 1024 * 2**20
 class ChunkKernels:
     """The two per-chunk computations a backend provides (torch here, Triton in triton_logprobs.py).
 
-    stats(hidden_c, weight, bias, labels_c, inv_temperature, with_entropy, keep_logits)
-        -> (logp [n] f32, lse [n] f32, entropy [n] f32 | None, z [n, V] f32 if keep_logits else None).
-    dlogits(hidden_c, weight, bias, labels_c, lse, grad_logp, grad_entropy, entropy, inv_temperature, logits)
-        -> dL/dlogits [n, V] in `matmul_dtype(weight)`; recomputes z unless `logits` (z of this chunk) is given,
-        which it may overwrite.
+    stats(hidden_c, weight, bias, labels_c, inv_temperature, with_entropy, keep)
+        -> (logp [n] f32, lse [n] f32, entropy [n] f32 | None, kept [n, V] f32 if keep else None);
+        `kept` lets dlogits skip the recompute: the softmax p (torch) or the logits z (Triton).
+    dlogits(hidden_c, weight, bias, labels_c, lse, grad_logp, grad_entropy, entropy, inv_temperature, kept)
+        -> dL/dlogits [n, V] (float32 on the torch path, the weight's dtype on the Triton path); recomputes
+        the chunk's logits unless `kept` is given, which it may overwrite.
     prepare(weight, bias) -> (weight, bias) as the kernels want them (the torch path upcasts to float32).
     """
 
@@ -63,40 +64,42 @@ def _torch_logits(hidden_c, weight, bias, inv_temperature) -> torch.Tensor:
     return logits  # z = logits / T
 
 
-def _torch_stats(hidden_c, weight, bias, labels_c, inv_temperature, with_entropy, keep_logits=False):
+def _torch_stats(hidden_c, weight, bias, labels_c, inv_temperature, with_entropy, keep=False):
     z = _torch_logits(hidden_c, weight, bias, inv_temperature)  # [n, V]
     label_z = z.gather(1, labels_c[:, None]).squeeze(1)  # [n]
-    if keep_logits or with_entropy:
-        lse = torch.logsumexp(z, dim=-1)  # [n]
-    else:  # z is not needed afterwards: exponentiate in place, no second [n, V] buffer
-        top = z.amax(dim=-1)  # [n]
-        lse = top + z.sub_(top[:, None]).exp_().sum(-1).log()
+    top = z.amax(dim=-1)  # [n]
+    probs = z.sub_(top[:, None]).exp_()  # [n, V] in place: e^(z - max); one [n, V] buffer in all
+    sumexp = probs.sum(-1)  # [n]
+    lse = top + sumexp.log()
     entropy = None
+    if keep or with_entropy:
+        probs.div_(sumexp[:, None])  # softmax p
     if with_entropy:
-        p = (z - lse[:, None]).exp_()  # [n, V]
-        entropy = lse - p.mul_(z).sum(-1)  # [n]   H = lse - E_p[z]
-        del p
-    return label_z - lse, lse, entropy, z if keep_logits else None
+        entropy = -torch.special.xlogy(probs, probs).sum(-1)  # H = -sum p log p (p = 0 adds 0)
+    return label_z - lse, lse, entropy, probs if keep else None
 
 
 def _torch_dlogits(
-    hidden_c, weight, bias, labels_c, lse, grad_logp, grad_entropy, entropy, inv_temperature, logits=None
+    hidden_c, weight, bias, labels_c, lse, grad_logp, grad_entropy, entropy, inv_temperature, kept=None
 ):
-    z = _torch_logits(hidden_c, weight, bias, inv_temperature) if logits is None else logits  # [n, V]
     # dL/dlogits = (dL/dz) / T: fold 1/T into the per-row factors instead of a pass over [n, V]
     g = None if grad_logp is None else grad_logp * inv_temperature  # [n]
     g_h = None if grad_entropy is None else grad_entropy * inv_temperature  # [n]
-    log_p = z.sub_(lse[:, None])  # [n, V] in place: log softmax
-    if g_h is None:
-        dz = log_p.exp_().mul_(-g[:, None])  # -g p, in place
+    if kept is not None:  # the softmax _torch_stats kept (fused loss: no entropy gradient)
+        dz = kept.mul_(-g[:, None])  # -g p, in place
     else:
-        p = torch.exp(log_p)  # [n, V]
-        dz = log_p.add_(entropy[:, None]).mul_(p).mul_(-g_h[:, None])  # g_H dH/dz = -g_H p (log p + H)
-        if g is not None:
-            dz.addcmul_(p, g[:, None], value=-1.0)  # - g p
-        del p
+        z = _torch_logits(hidden_c, weight, bias, inv_temperature)  # [n, V]
+        log_p = z.sub_(lse[:, None])  # [n, V] in place: log softmax
+        if g_h is None:
+            dz = log_p.exp_().mul_(-g[:, None])  # -g p, in place
+        else:
+            p = torch.exp(log_p)  # [n, V]
+            dz = log_p.add_(entropy[:, None]).mul_(p).mul_(-g_h[:, None])  # g_H dH/dz = -g_H p (log p + H)
+            if g is not None:
+                dz.addcmul_(p, g[:, None], value=-1.0)  # - g p
+            del p
     if g is not None:
-        dz[torch.arange(z.shape[0], device=z.device), labels_c] += g  # + g onehot
+        dz[torch.arange(dz.shape[0], device=dz.device), labels_c] += g  # + g onehot
     return dz
 
 

@@ -177,7 +177,7 @@ def _prepare(weight: torch.Tensor, bias: torch.Tensor | None):
     return weight, None if bias is None else bias.float().contiguous()
 
 
-def _stats(hidden_c, weight, bias, labels_c, inv_temperature, with_entropy, keep_logits=False):
+def _stats(hidden_c, weight, bias, labels_c, inv_temperature, with_entropy, keep=False):
     n, d = hidden_c.shape
     vocab = weight.shape[0]
     config = _config(weight.dtype)
@@ -187,15 +187,15 @@ def _stats(hidden_c, weight, bias, labels_c, inv_temperature, with_entropy, keep
     cols_per_split = triton.cdiv(vocab_tiles, splits) * block_v
     splits = triton.cdiv(vocab, cols_per_split)
     partial = torch.empty(4, splits, n, dtype=torch.float32, device=hidden_c.device)  # m, s, t, z_label
-    logits = torch.empty(n, vocab, dtype=torch.float32, device=hidden_c.device) if keep_logits else partial
+    logits = torch.empty(n, vocab, dtype=torch.float32, device=hidden_c.device) if keep else partial
     labels_c = labels_c.contiguous()
     _stats_kernel[(row_blocks, splits)](
         hidden_c, weight, bias if bias is not None else partial, labels_c, logits,
         partial[0], partial[1], partial[2], partial[3],
         n, vocab, d, cols_per_split, inv_temperature,
         hidden_c.stride(0), hidden_c.stride(1), weight.stride(0), weight.stride(1),
-        logits.stride(0) if keep_logits else 0,
-        HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, STORE_LOGITS=keep_logits,
+        logits.stride(0) if keep else 0,
+        HAS_BIAS=bias is not None, WITH_ENTROPY=with_entropy, STORE_LOGITS=keep,
         DOT_PRECISION=_dot_precision(weight.dtype), DOT_UPCAST=_interpreted(), **config,
     )
     run_max, run_sum, run_zsum, label_z = partial  # [S, n] each
@@ -205,10 +205,11 @@ def _stats(hidden_c, weight, bias, labels_c, inv_temperature, with_entropy, keep
     lse = top + torch.log(sumexp)
     logp = label_z.sum(0) - lse  # the label lies in exactly one slice
     entropy = lse - (run_zsum * rescale).sum(0) / sumexp if with_entropy else None
-    return logp, lse, entropy, logits if keep_logits else None
+    return logp, lse, entropy, logits if keep else None
 
 
-def _dlogits(hidden_c, weight, bias, labels_c, lse, grad_logp, grad_entropy, entropy, inv_temperature, logits=None):
+def _dlogits(hidden_c, weight, bias, labels_c, lse, grad_logp, grad_entropy, entropy, inv_temperature, kept=None):
+    logits = kept  # the logits z that _stats stored
     n, d = hidden_c.shape
     vocab = weight.shape[0]
     config = _config(weight.dtype)
