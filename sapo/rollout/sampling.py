@@ -51,7 +51,9 @@ def sample_tokens(
     if greedy:
         tokens = scaled.argmax(dim=-1)  # [N]
     else:
-        cdf = filter_logits(scaled, top_k, top_p).softmax(dim=-1).cumsum(dim=-1)  # [N, V]
+        filtered = top_k > 0 or top_p < 1.0
+        probs = filter_logits(scaled, top_k, top_p).softmax(dim=-1) if filtered else logprobs.exp()  # [N, V]
+        cdf = probs.cumsum(dim=-1)  # [N, V]
         rng_device = generator.device if generator is not None else cdf.device  # a CPU generator may drive a GPU
         u = torch.rand((cdf.shape[0], 1), generator=generator, device=rng_device).to(cdf.device)  # [N, 1]
         tokens = torch.searchsorted(cdf, u * cdf[:, -1:], right=True).squeeze(-1)  # [N]
