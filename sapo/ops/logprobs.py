@@ -7,7 +7,7 @@ chunk of logits is alive at a time. All softmax math is float32 whatever the inp
 
 With z = (hidden @ weight.T + bias) / T, p = softmax(z), lse = logsumexp(z):
     logp_n      = z[n, y_n] - lse_n
-    entropy_n   = -sum_v p_v log p_v = lse_n - sum_v p_v z_v
+    entropy_n   = -sum_v p_v log p_v  (the Triton kernel accumulates the equal lse_n - sum_v p_v z_v)
     d logp_n / d z_n     = onehot(y_n) - p_n
     d entropy_n / d z_n  = -p_n * (log p_n + entropy_n)
     d / d logits = (d / d z) / T;   d hidden = dlogits @ weight;   d weight = dlogits^T @ hidden
@@ -144,6 +144,12 @@ def check_inputs(hidden, weight, labels, bias) -> None:
         )
     if bias is not None and bias.shape != weight.shape[:1]:
         raise ValueError(f"bias must have shape [V] = [{weight.shape[0]}], got {tuple(bias.shape)}")
+    # One host sync; the Triton kernel would otherwise return a wrong log-prob for an id outside [0, V).
+    if labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) < weight.shape[0]):
+        raise ValueError(
+            f"labels must lie in [0, V) = [0, {weight.shape[0]}), got min {int(labels.min())} max "
+            f"{int(labels.max())}; put any valid id (e.g. 0) at padded positions (-100) and mask them in the loss"
+        )
 
 
 def resolve_chunk_size(chunk_size: int | None, num_rows: int, vocab: int, device: torch.device) -> int:
@@ -254,6 +260,8 @@ def token_logprobs(
     recomputes each chunk's logits. `temperature` is the sampling temperature (logits are divided by it).
     chunk_size: rows per chunk (default: 256 MiB of float32 logits on CPU, 1 GiB on CUDA).
     backend: "auto" (Triton on CUDA when triton imports, else PyTorch), "torch" or "triton".
+    Memory beyond the inputs: one chunk of float32 logits, the float32 [V, d] weight gradient, and on the
+    PyTorch path with bf16/fp16 weights a float32 copy of the weight (logits must not be rounded to bf16).
     """
     check_inputs(hidden, weight, labels, bias)
     if not temperature > 0:

@@ -139,6 +139,8 @@ def test_works_without_triton(monkeypatch):
         (dict(hidden=torch.zeros(37, 16, dtype=torch.float64), weight=torch.zeros(50, 16, dtype=torch.float64)),
          "float32, bfloat16, float16"),
         (dict(bias=torch.zeros(49)), "bias must have shape"),
+        (dict(labels=torch.full((37,), -100)), r"labels must lie in \[0, V\)"),
+        (dict(labels=torch.full((37,), 50)), r"labels must lie in \[0, V\)"),
         (dict(temperature=0.0), "temperature must be > 0"),
         (dict(chunk_size=0), "chunk_size must be a positive int"),
         (dict(backend="cuda"), "backend='cuda' is not allowed"),
