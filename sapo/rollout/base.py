@@ -109,6 +109,17 @@ class RolloutBatch:
 TOKEN_ALIGNED_INPUTS = ("mm_token_type_ids", "token_type_ids")
 
 
+def left_pad(prompt_ids: list[list[int]], pad_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-pad prompts to the longest one: input_ids [B, P] and attention_mask [B, P] (1 on real tokens)."""
+    prompt_len = max(len(p) for p in prompt_ids)
+    input_ids = torch.full((len(prompt_ids), prompt_len), pad_token_id, dtype=torch.long)  # [B, P]
+    attention_mask = torch.zeros((len(prompt_ids), prompt_len), dtype=torch.long)  # [B, P]
+    for i, prompt in enumerate(prompt_ids):
+        input_ids[i, prompt_len - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
+        attention_mask[i, prompt_len - len(prompt) :] = 1
+    return input_ids, attention_mask
+
+
 def collate_extra_inputs(extra_inputs: list[dict], prompt_lengths: list[int], device) -> dict:
     """Merge per-row extra inputs: token-aligned ones are left-padded to [B, P], others concatenated on dim 0."""
     prompt_len = max(prompt_lengths)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from sapo.rollout.base import RolloutBatch, check_generate_args, collate_extra_inputs
+from sapo.rollout.base import RolloutBatch, check_generate_args, collate_extra_inputs, left_pad
 
 
 class HFEngine:
@@ -38,12 +38,8 @@ class HFEngine:
     ) -> RolloutBatch:
         check_generate_args(prompt_ids, max_new_tokens, temperature, top_p, top_k, eos_token_ids, extra_inputs)
         device = next(self.model.parameters()).device
-        batch, prompt_len = len(prompt_ids), max(len(p) for p in prompt_ids)
-        input_ids = torch.full((batch, prompt_len), pad_token_id, dtype=torch.long)  # [B, P]
-        attention_mask = torch.zeros((batch, prompt_len), dtype=torch.long)  # [B, P]
-        for i, prompt in enumerate(prompt_ids):
-            input_ids[i, prompt_len - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-            attention_mask[i, prompt_len - len(prompt) :] = 1
+        input_ids, attention_mask = left_pad(prompt_ids, pad_token_id)  # [B, P], [B, P]
+        prompt_len = input_ids.shape[1]
         inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
         if extra_inputs is not None and any(extra_inputs):
             inputs.update(collate_extra_inputs(extra_inputs, [len(p) for p in prompt_ids], device))

@@ -21,10 +21,11 @@ from __future__ import annotations
 import inspect
 
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from sapo.rollout.base import RolloutBatch, check_generate_args, collate_extra_inputs
+from sapo.rollout.base import RolloutBatch, check_generate_args, collate_extra_inputs, left_pad
 from sapo.rollout.sampling import sample_tokens
 
 
@@ -162,13 +163,10 @@ class TorchEngine:
     def _decode(self, prompt_ids, max_new_tokens, temperature, top_p, top_k, eos_token_ids, pad_token_id,
                 greedy, generator, extra_inputs, mrope_model):
         device = next(self.model.parameters()).device
-        batch, prompt_len = len(prompt_ids), max(len(p) for p in prompt_ids)
+        input_ids, prompt_mask = left_pad(prompt_ids, pad_token_id)  # [B, P], [B, P]
+        batch, prompt_len = input_ids.shape
         total_len = prompt_len + max_new_tokens
-        input_ids = torch.full((batch, prompt_len), pad_token_id, dtype=torch.long)  # [B, P]
-        attention_mask = torch.zeros((batch, total_len), dtype=torch.long)  # [B, P+N], grows by a column
-        for i, prompt in enumerate(prompt_ids):
-            input_ids[i, prompt_len - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-            attention_mask[i, prompt_len - len(prompt) : prompt_len] = 1
+        attention_mask = F.pad(prompt_mask, (0, max_new_tokens))  # [B, P+N], a column set per step
         input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
         position_ids = (attention_mask[:, :prompt_len].cumsum(-1) - 1).clamp(min=0)  # [B, P]
         eos = torch.tensor(eos_token_ids, dtype=torch.long, device=device)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from sapo.rollout import RolloutBatch, make_engine
-from sapo.rollout.base import check_generate_args
+from sapo.rollout.base import check_generate_args, left_pad
 
 
 def test_to_padded_layout():
@@ -50,3 +50,9 @@ def test_check_generate_args_messages(kwargs, message):
 def test_make_engine_unknown_name():
     with pytest.raises(ValueError, match="unknown rollout engine 'vllm'; choose one of"):
         make_engine("vllm", torch.nn.Linear(1, 1))
+
+
+def test_left_pad():
+    input_ids, attention_mask = left_pad([[4, 5, 6], [7]], pad_token_id=9)
+    assert input_ids.tolist() == [[4, 5, 6], [9, 9, 7]]
+    assert attention_mask.tolist() == [[1, 1, 1], [0, 0, 1]]
