@@ -278,6 +278,7 @@ def train(cfg: TrainConfig, overrides: dict | None = None) -> dict:
                 **reward_out.metrics,
             }
             metrics.update(_run_counters(reward_out.metrics, counter_base, counter_offset))
+            metrics.update({f"data/skipped/{k}": float(v) for k, v in task.skipped.items()})  # e.g. too long
             updates_metrics: list[dict[str, float]] = []
             if len(keep_rows) > 0:
                 tensors = select_rows(tensors, keep_rows)
