@@ -78,3 +78,17 @@ def checkpoint_weights(output_dir: Path) -> dict[str, torch.Tensor]:
     path = latest_checkpoint(output_dir)
     assert path is not None, f"no checkpoint in {output_dir}"
     return torch.load(path / "model.pt", weights_only=True)
+
+
+def cli(args: list[str]) -> int:
+    """`sapo ARGS` in this process (sapo.cli.main is what `python -m sapo` runs); returns the exit code."""
+    from sapo.cli import main
+
+    return main(args)
+
+
+def user_rewards_module():
+    """The module `rewards=[tests.reliability.user_rewards:...]` loads (not this folder's `user_rewards`)."""
+    import importlib
+
+    return importlib.import_module(USER)
