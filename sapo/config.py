@@ -176,7 +176,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        nonneg = ("micro_batch_size", "warmup_steps", "weight_decay", "max_grad_norm", "beta", "eval_steps",
+        nonneg = ("micro_batch_size", "warmup_steps", "weight_decay", "max_grad_norm", "beta", "eval_steps", "top_k",
                   "save_steps", "threads", "lora_rank", "warmstart_steps", "tis_cap", "log_samples", "logprob_chunk_size")
         for name in nonneg:
             if getattr(self, name) < 0:
@@ -185,6 +185,11 @@ class TrainConfig:
             raise ConfigError(f"lr must be > 0, got {self.lr}")
         if self.temperature <= 0:
             raise ConfigError(f"temperature must be > 0 (use eval_greedy for greedy decoding), got {self.temperature}")
+        if self.eval_temperature == 0:
+            raise ConfigError("eval_temperature must be > 0, or -1 for the training temperature "
+                              "(eval_greedy=true reports greedy decoding)")
+        if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
+            raise ConfigError(f"adam_beta1 and adam_beta2 must be in [0, 1), got {self.adam_beta1}, {self.adam_beta2}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
         if self.tau_pos <= 0 or self.tau_neg <= 0:
