@@ -202,11 +202,11 @@ class TorchEngine:
                 lengths[done_rows] = step + 1
                 hit_eos[done_rows] = True
                 keep = (~finished).nonzero().squeeze(1)  # [b']
-                if keep.numel() == 0:
+                if keep.numel() == 0 or step == max_new_tokens - 1:
                     break
                 rows, token, next_position = rows[keep], token[keep], next_position[keep]
                 attention_mask = attention_mask[keep]
-                _select_rows(cache, keep)
+                _select_rows(cache, keep)  # finished rows leave the KV cache: later steps skip them
             if step == max_new_tokens - 1:
                 break
             width = prompt_len + step + 1
