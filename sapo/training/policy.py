@@ -63,9 +63,16 @@ class PolicyHandle:
         extra = _stack_extra(t.extra, t.prompt_width, input_ids.shape[1], self.device)
         # with images (Qwen3-VL) the model computes its 3-D mrope positions from the ids, mask and grids
         position_ids = None if extra else t.position_ids.to(self.device)
+        forward_ids = input_ids
+        if extra:  # an image token the policy *sampled* is no image slot; the model would count it as one
+            from sapo.models.vl import placeholder_token_ids
+
+            forward_ids = input_ids.clone()
+            completion = forward_ids[:, t.prompt_width :]  # a view: [b, C]
+            completion[torch.isin(completion, placeholder_token_ids(model, self.device))] = self.pad_token_id
         with self._autocast(cfg):
             hidden = hidden_states(
-                model, input_ids, t.attention_mask.to(self.device), position_ids=position_ids, **extra,
+                model, forward_ids, t.attention_mask.to(self.device), position_ids=position_ids, **extra,
             )  # [b, P + C, d]
         P = t.prompt_width
         mask = t.completion_mask.to(self.device)  # [b, C]
