@@ -23,6 +23,8 @@ BUILTIN_MODELS = {
     # name -> (tiny arch, warm-start recipe); the recipe is part of the cache key
     "builtin:arith-moe": "qwen3_moe",
     "builtin:arith-dense": "qwen3",
+    "builtin:vl-digits": "qwen3_vl",  # image prompts: builtin:vl-digits (sapo.data.visual_task)
+    "builtin:vl-digits-moe": "qwen3_vl_moe",
 }
 
 
@@ -68,8 +70,11 @@ def supervised_train(
     time_budget_s: float | None = None,
     optimizer: torch.optim.Optimizer | None = None,
     log_every: int = 0,
+    extra: list | None = None,
 ) -> dict:
-    """Cross-entropy on target tokens only. Stops at `steps` or `time_budget_s`, whichever first."""
+    """Cross-entropy on target tokens only. Stops at `steps` or `time_budget_s`, whichever first.
+
+    `extra`: per-example visual inputs (VL models, `sapo.data.multimodal`), batched with the prompts."""
     gen = torch.Generator().manual_seed(seed)
     model.train()
     if optimizer is None:
@@ -86,7 +91,12 @@ def supervised_train(
             break
         idx = torch.randint(len(prompt_ids), (batch_size,), generator=gen).tolist()
         input_ids, attention, labels = sft_batches([prompt_ids[i] for i in idx], [target_ids[i] for i in idx], pad_id)
-        out = model(input_ids=input_ids, attention_mask=attention, labels=labels, use_cache=False)
+        visual = {}
+        if extra is not None:
+            from sapo.data.multimodal import collate_extra
+
+            visual = collate_extra([extra[i] for i in idx], input_ids.shape[1])  # prompts start at column 0
+        out = model(input_ids=input_ids, attention_mask=attention, labels=labels, use_cache=False, **visual)
         optimizer.zero_grad(set_to_none=True)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -118,18 +128,28 @@ def builtin_model_path(name: str, recipe: WarmStartRecipe | None = None, *, verb
     if verbose:
         print(f"[sapo] building the warm-started {name} (once; cached in {folder})", flush=True)
     tokenizer = build_char_tokenizer(BUILTIN_ALPHABET)
-    model = build_tiny_model(arch, vocab_size=len(tokenizer), seed=recipe.seed)
-    examples = builtin_dataset("train", recipe.train_size, seed=recipe.seed)
-    eos = tokenizer.eos_token_id
-    prompt_ids = [tokenizer.encode(e.prompt, add_special_tokens=False) for e in examples]
-    target_ids = [tokenizer.encode(reference_completion(e), add_special_tokens=False) + [eos] for e in examples]
+    processor, extra = None, None
+    if arch.startswith("qwen3_vl"):  # image prompts (sapo.data.visual_task)
+        from sapo.data.visual_task import warmstart_inputs
+        from sapo.models.vl import BUILTIN_VL_OVERRIDES, build_tiny_vl
+
+        model, processor = build_tiny_vl(arch, tokenizer, seed=recipe.seed, **BUILTIN_VL_OVERRIDES)
+        prompt_ids, target_ids, extra = warmstart_inputs(processor, recipe.train_size, seed=recipe.seed)
+    else:
+        model = build_tiny_model(arch, vocab_size=len(tokenizer), seed=recipe.seed)
+        examples = builtin_dataset("train", recipe.train_size, seed=recipe.seed)
+        eos = tokenizer.eos_token_id
+        prompt_ids = [tokenizer.encode(e.prompt, add_special_tokens=False) for e in examples]
+        target_ids = [tokenizer.encode(reference_completion(e), add_special_tokens=False) + [eos] for e in examples]
     stats = supervised_train(model, prompt_ids, target_ids, tokenizer.pad_token_id, steps=recipe.steps,
                              batch_size=recipe.batch_size, lr=recipe.lr, warmup=recipe.warmup, seed=recipe.seed,
-                             log_every=100 if verbose else 0)
+                             log_every=100 if verbose else 0, extra=extra)
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     save_model(model, tokenizer, tmp)
+    if processor is not None:
+        processor.save_pretrained(tmp)
     (tmp / "warm_start.json").write_text(json.dumps({"recipe": asdict(recipe), **stats}, indent=1))
     try:
         os.replace(tmp, folder)
