@@ -105,5 +105,21 @@ def visual_dataset(split: str = "train", n: int = 1000, seed: int = 0, *, heldou
     return examples
 
 
+def warmstart_inputs(processor, n: int, seed: int = 0) -> tuple[list[list[int]], list[list[int]], list]:
+    """(prompt ids, target ids ending in EOS, visual inputs) of n training problems, for a supervised warm start."""
+    from sapo.data.multimodal import encode_multimodal
+    from sapo.data.templates import build_prompt
+
+    tokenizer = processor.tokenizer
+    prompt_ids, target_ids, extra = [], [], []
+    for example in visual_dataset("train", n, seed):
+        ids, visual = encode_multimodal(example, build_prompt(example, tokenizer), processor)
+        prompt_ids.append(ids)
+        extra.append(visual)
+        target = tokenizer.encode(visual_reference_completion(example), add_special_tokens=False)
+        target_ids.append(target + [tokenizer.eos_token_id])
+    return prompt_ids, target_ids, extra
+
+
 __all__ = ["CELL", "VL_ALPHABET", "VL_DIGITS", "make_visual_example", "render_expression", "visual_dataset",
-           "visual_reference_completion"]
+           "visual_reference_completion", "warmstart_inputs"]

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 # Qwen-VL special tokens, in the order the tiny configs reserve the last four vocabulary ids
@@ -51,6 +52,13 @@ def is_vision_language(model: nn.Module) -> bool:
     return getattr(getattr(base, "config", None), "vision_config", None) is not None
 
 
+def placeholder_token_ids(model: nn.Module, device=None) -> torch.Tensor:
+    """The ids the model replaces by image/video features wherever they appear in input_ids."""
+    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    ids = [getattr(base.config, key, None) for key in ("image_token_id", "video_token_id")]
+    return torch.tensor([i for i in ids if i is not None], dtype=torch.long, device=device)
+
+
 def _image_processor_class():
     # transformers >= 5.2x: the numpy/PIL backend is Qwen2VLImageProcessorPil; earlier 5.x call it
     # Qwen2VLImageProcessor (the torchvision one is *Fast there). Neither needs torchvision.
@@ -83,6 +91,28 @@ def build_tiny_processor(tokenizer) -> VisionProcessor:
         size={"shortest_edge": TINY_MIN_PIXELS, "longest_edge": TINY_MAX_PIXELS},
     )
     return VisionProcessor(tokenizer, image_processor)
+
+
+# The built-in demo model (builtin:vl-digits): the tiny VL config with a wider text tower and vision tower
+# (text hidden 128, 4 layers, head_dim 32 -> mrope_section sums to 16; vision hidden 64), ~1M parameters.
+BUILTIN_VL_OVERRIDES: dict[str, Any] = dict(
+    hidden_size=128, intermediate_size=256, num_hidden_layers=4, head_dim=32,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]},
+    vision_config={"hidden_size": 64, "intermediate_size": 128, "num_heads": 4, "out_hidden_size": 128},
+)
+
+
+def build_tiny_vl(arch: str, tokenizer, seed: int = 0, **overrides: Any) -> tuple[nn.Module, VisionProcessor]:
+    """A fresh tiny `qwen3_vl` / `qwen3_vl_moe` model and its processor around `tokenizer` (vision tokens
+    are added to it in place; the model's reserved ids are exactly those tokens)."""
+    from sapo.models.tiny import build_tiny_model
+
+    if arch not in ("qwen3_vl", "qwen3_vl_moe"):
+        raise ValueError(f"arch must be 'qwen3_vl' or 'qwen3_vl_moe', got {arch!r}")
+    processor = build_tiny_processor(tokenizer)
+    model = build_tiny_model(arch, vocab_size=len(tokenizer), seed=seed, **overrides)
+    assert model.config.image_token_id == processor.image_token_id
+    return model, processor
 
 
 def load_processor(folder: str | os.PathLike, tokenizer=None, model: nn.Module | None = None) -> VisionProcessor:
@@ -132,5 +162,6 @@ def load_processor(folder: str | os.PathLike, tokenizer=None, model: nn.Module |
     return processor
 
 
-__all__ = ["VISION_TOKENS", "VisionProcessor", "add_vision_tokens", "build_tiny_processor", "is_vision_language",
-           "load_processor"]
+__all__ = ["BUILTIN_VL_OVERRIDES", "VISION_TOKENS", "VisionProcessor", "add_vision_tokens", "build_tiny_processor",
+           "build_tiny_vl", "is_vision_language", "load_processor",
+           "placeholder_token_ids"]
