@@ -43,11 +43,16 @@ class HFEngine:
         inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device)}
         if extra_inputs is not None and any(extra_inputs):
             inputs.update(collate_extra_inputs(extra_inputs, [len(p) for p in prompt_ids], device))
+        # Neutral values for the processors a checkpoint's generation_config may switch on, so both engines
+        # sample from the same distribution.
+        sampling = {"num_beams": 1, "repetition_penalty": 1.0, "no_repeat_ngram_size": 0, "min_new_tokens": 0}
         if greedy:
-            sampling = {"do_sample": False}
+            sampling["do_sample"] = False
         else:
-            sampling = {"do_sample": True, "temperature": temperature, "top_k": top_k, "top_p": top_p}
-        seed = int(torch.randint(0, 2**62, (1,), generator=generator).item()) if generator is not None else None
+            sampling.update(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p)
+        seed = None
+        if generator is not None:
+            seed = int(torch.randint(0, 2**62, (1,), generator=generator, device=generator.device).item())
 
         was_training = self.model.training
         self.model.eval()
@@ -56,8 +61,7 @@ class HFEngine:
                 if seed is not None:
                     torch.manual_seed(seed)
                 out = self.model.generate(
-                    **inputs, **sampling, max_new_tokens=max_new_tokens, min_new_tokens=0,
-                    eos_token_id=list(eos_token_ids), pad_token_id=pad_token_id,
+                    **inputs, **sampling, max_new_tokens=max_new_tokens, eos_token_id=list(eos_token_ids), pad_token_id=pad_token_id,
                     output_logits=True, return_dict_in_generate=True,
                 )
         finally:
