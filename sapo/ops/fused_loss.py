@@ -19,6 +19,7 @@ from sapo.ops.logprobs import (
     accumulate_grads,
     check_inputs,
     grad_buffers,
+    no_autocast,
     resolve_chunk_size,
     select_kernels,
 )
@@ -40,6 +41,7 @@ def _chunk_loss_grad(logp_c, old_c, adv_c, weights_c, spec):
 
 class _FusedTokenPolicyLoss(torch.autograd.Function):
     @staticmethod
+    @no_autocast
     def forward(
         ctx, hidden, weight, labels, old_logprobs, advantages, token_weights, spec, temperature, chunk_size,
         with_entropy, kernels: ChunkKernels,

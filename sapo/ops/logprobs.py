@@ -189,8 +189,19 @@ def accumulate_grads(dlogits, hidden, rows, weight_mm, grad_hidden, grad_weight,
 # autograd
 
 
+def no_autocast(fn):
+    """Run an autograd.Function's forward/backward with autocast off: the logits must stay float32."""
+
+    def wrapped(ctx, *args):
+        with torch.autocast("cuda", enabled=False), torch.autocast("cpu", enabled=False):
+            return fn(ctx, *args)
+
+    return wrapped
+
+
 class _ChunkedTokenLogprobs(torch.autograd.Function):
     @staticmethod
+    @no_autocast
     def forward(ctx, hidden, weight, bias, labels, temperature, with_entropy, chunk_size, kernels):
         n = hidden.shape[0]
         weight_k, bias_k = kernels.prepare(weight, bias)
@@ -212,6 +223,7 @@ class _ChunkedTokenLogprobs(torch.autograd.Function):
         return logp, entropy
 
     @staticmethod
+    @no_autocast
     def backward(ctx, grad_logp, grad_entropy):
         hidden, weight, bias, labels, lse, entropy = ctx.saved_tensors
         kernels = ctx.kernels

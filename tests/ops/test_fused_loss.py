@@ -77,6 +77,16 @@ def test_outputs_are_detached_and_grad_scales_with_upstream():
     torch.testing.assert_close(grad_w3, -3.0 * grad_w)
 
 
+def test_autocast_does_not_round_the_logits():
+    batch = make_batch()
+    reference = fused(*batch, "sapo", chunk_size=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        autocast = fused(*batch, "sapo", chunk_size=8)
+    for name, a, b in zip(["loss", "logp", "entropy", "d hidden", "d weight"], autocast, reference):
+        if a is not None:
+            torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+
+
 def test_nan_at_masked_positions_does_not_leak():
     hidden, weight, labels, mask, advantages, old_logprobs = make_batch()
     poisoned = torch.where(mask, old_logprobs, torch.nan)

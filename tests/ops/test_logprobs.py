@@ -100,6 +100,20 @@ def test_frozen_weight_gets_no_gradient_and_hidden_grad_is_right(plain):
     torch.testing.assert_close(h.grad.double(), ref[2], rtol=1e-5, atol=2e-5)
 
 
+def test_autocast_does_not_round_the_logits():
+    """Under bf16 autocast the chunk matmuls still run in float32: results equal those without autocast."""
+    hidden, weight, labels, _ = make_inputs()
+    results = []
+    for autocast in (False, True):
+        h, w = leaves(hidden, weight)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            logp, entropy = token_logprobs(h, w, labels, with_entropy=True, chunk_size=8)
+        (logp.sum() + entropy.sum()).backward()
+        results.append([logp, entropy, h.grad, w.grad])
+    for plain_value, autocast_value in zip(*results):
+        torch.testing.assert_close(autocast_value, plain_value, rtol=0, atol=0)
+
+
 def test_never_saves_full_logits_for_backward():
     """Only [N]-sized tensors and the inputs are kept between forward and backward."""
     hidden, weight, labels, _ = make_inputs(n=40, vocab=64)
