@@ -134,6 +134,8 @@ def fused_token_policy_loss(
             raise ValueError(f"{name} must be flat [N] = [{labels.shape[0]}] like labels, got {tuple(tensor.shape)}")
     if not temperature > 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not torch.is_grad_enabled():  # evaluation: no gradient matmuls (needs_input_grad ignores no_grad)
+        hidden, weight = hidden.detach(), weight.detach()
     kernels = select_kernels(hidden.device, backend)
     chunk = resolve_chunk_size(chunk_size, hidden.shape[0], weight.shape[0], hidden.device)
     return _FusedTokenPolicyLoss.apply(

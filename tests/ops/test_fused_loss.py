@@ -98,6 +98,18 @@ def test_nan_at_masked_positions_does_not_leak():
     assert (grad_h.view(B, T, D)[~mask] == 0).all()  # masked tokens' hidden states get no gradient
 
 
+def test_no_grad_gives_the_same_loss():
+    hidden, weight, labels, mask, advantages, old_logprobs = make_batch()
+    spec = resolve("dapo")
+    args = (labels, old_logprobs.reshape(-1), advantages[:, None].expand(B, T).reshape(-1),
+            aggregation_weights(mask, spec).reshape(-1), spec)
+    h = hidden.clone().requires_grad_(True)
+    with torch.no_grad():
+        loss, logp, _ = fused_token_policy_loss(h, weight, *args, chunk_size=8)
+    assert loss.grad_fn is None
+    torch.testing.assert_close(loss, fused_token_policy_loss(h, weight, *args, chunk_size=8)[0].detach())
+
+
 def test_spec_by_name_and_frozen_weight():
     hidden, weight, labels, mask, advantages, old_logprobs = make_batch()
     spec = resolve("sapo")
