@@ -27,6 +27,7 @@ from sapo.data.example import Example, ExampleList, heldout_split
 VL_DIGITS = "builtin:vl-digits"
 VL_ALPHABET = BUILTIN_ALPHABET  # text characters of prompts and completions
 CELL = 32  # pixels per character cell = one image token (16-pixel patches, 2x2 merge)
+JITTER = 3  # a character moves up to this many pixels from its cell centre
 SPLITS = ("train", "test")
 
 
@@ -50,8 +51,8 @@ def render_expression(expression: str, rng: random.Random) -> bytes:
     font = _font()
     for i, char in enumerate(expression):
         left, top, right, bottom = draw.textbbox((0, 0), char, font=font)
-        x = i * CELL + (CELL - (right - left)) // 2 - left + rng.randint(-3, 3)
-        y = (CELL - (bottom - top)) // 2 - top + rng.randint(-3, 3)
+        x = i * CELL + (CELL - (right - left)) // 2 - left + rng.randint(-JITTER, JITTER)
+        y = (CELL - (bottom - top)) // 2 - top + rng.randint(-JITTER, JITTER)
         ink = rng.randint(0, 80)
         draw.text((x, y), char, fill=(ink, ink, ink), font=font)
     buffer = io.BytesIO()
