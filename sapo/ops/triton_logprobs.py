@@ -46,7 +46,8 @@ def _logits_tile(
                     mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # [BLOCK_N, BLOCK_D]
         w = tl.load(weight_ptr + cols[None, :].to(tl.int64) * stride_wv + ks[:, None] * stride_wd,
                     mask=col_ok[None, :] & k_ok[:, None], other=0.0)  # [BLOCK_D, BLOCK_V]
-        if DOT_UPCAST:  # the interpreter's bf16 tl.dot is wrong (Triton 3.9); bf16 -> fp32 is exact
+        # The interpreter multiplies bf16 bit patterns in tl.dot (triton-lang/triton#11584): upcast there.
+        if DOT_UPCAST:  # bf16 -> fp32 is exact, and the accumulator is fp32 either way
             h = h.to(tl.float32)
             w = w.to(tl.float32)
         acc = tl.dot(h, w, acc, input_precision=DOT_PRECISION)
