@@ -63,7 +63,8 @@ class PreallocatedLayer(DynamicLayer):
             self.values = self.values[indices]
 
 
-def _make_cache(model: torch.nn.Module, max_len: int, kind: str) -> DynamicCache:
+def make_kv_cache(model: torch.nn.Module, max_len: int, kind: str) -> DynamicCache:
+    """An HF cache for ``model``: preallocated layers for kind "static" when all layers are full attention."""
     cache = DynamicCache(config=model.config)
     if kind == "static" and all(type(layer) is DynamicLayer for layer in cache.layers) and cache.layers:
         cache.layers = [PreallocatedLayer(max_len) for _ in cache.layers]
@@ -177,7 +178,7 @@ class TorchEngine:
         hit_eos = torch.zeros(batch, dtype=torch.bool, device=device)
         rows = torch.arange(batch, device=device)  # output row of each live batch row
 
-        cache = _make_cache(self.model, total_len, self.cache_kind)
+        cache = make_kv_cache(self.model, total_len, self.cache_kind)
         prefill = {"input_ids": input_ids, "attention_mask": attention_mask[:, :prompt_len], "use_cache": True,
                    "logits_to_keep": 1, self._cache_kwarg: cache}
         if extra_inputs is None:

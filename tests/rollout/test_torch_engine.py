@@ -1,8 +1,10 @@
 import pytest
 import torch
 from conftest import VOCAB, image_prompt_rows, teacher_forced_logprobs, tiny_qwen3, tiny_qwen3_vl
+from transformers import Qwen3ForCausalLM
 
 from sapo.rollout import HFEngine, TorchEngine, make_engine
+from sapo.rollout.torch_engine import PreallocatedLayer, make_kv_cache
 
 UNUSED_EOS = [VOCAB + 7]  # outside the vocabulary: never produced
 
@@ -128,3 +130,16 @@ def test_compiled_decode_matches_eager(prompts):
     eager = greedy(TorchEngine(model), prompts, UNUSED_EOS, max_new_tokens=6)
     compiled = greedy(TorchEngine(model, compile=True), prompts, UNUSED_EOS, max_new_tokens=6)
     assert compiled.completion_ids == eager.completion_ids
+
+
+def test_sliding_window_model_falls_back_to_dynamic_cache(prompts):
+    config = tiny_qwen3().config
+    config.update({"use_sliding_window": True, "sliding_window": 4,
+                   "layer_types": ["sliding_attention", "full_attention"]})
+    torch.manual_seed(0)
+    model = Qwen3ForCausalLM(config)
+    assert not any(isinstance(layer, PreallocatedLayer) for layer in make_kv_cache(model, 20, "static").layers)
+    free = greedy(TorchEngine(model), prompts, UNUSED_EOS)
+    eos = [free.completion_ids[2][4]]  # stops row 2 (at least) mid-decode
+    ours, ref = greedy(TorchEngine(model), prompts, eos), greedy(HFEngine(model), prompts, eos)
+    assert ours.completion_ids == ref.completion_ids and any(ours.truncated) and not all(ours.truncated)
