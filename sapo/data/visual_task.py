@@ -27,7 +27,7 @@ from sapo.data.example import Example, ExampleList, heldout_split
 VL_DIGITS = "builtin:vl-digits"
 VL_ALPHABET = BUILTIN_ALPHABET  # text characters of prompts and completions
 CELL = 32  # pixels per character cell = one image token (16-pixel patches, 2x2 merge)
-JITTER = 3  # a character moves up to this many pixels from its cell centre
+JITTER = 1  # a character moves up to this many pixels from its cell centre
 SPLITS = ("train", "test")
 
 
