@@ -191,6 +191,12 @@ class TorchEngine:
                 mrope_model, input_ids, attention_mask[:, :prompt_len], extra
             )  # [3, B, P], [B]
         logits = self.model(**prefill).logits[:, -1]  # [B, V]
+        # A decode query attends to every cached real token, so with full attention only (no sliding
+        # window) the mask is just the padding mask; handing sdpa a ready [b, 1, 1, W] boolean mask skips
+        # HF's per-step mask building (~12% of a decode step on CPU).
+        ready_mask = getattr(self.model.config, "_attn_implementation", None) == "sdpa" and all(
+            isinstance(layer, PreallocatedLayer) for layer in cache.layers
+        )
         for step in range(max_new_tokens):
             token, logprob = sample_tokens(
                 logits, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, generator=generator
@@ -212,8 +218,9 @@ class TorchEngine:
                 break
             width = prompt_len + step + 1
             attention_mask[:, width - 1] = 1
+            step_mask = attention_mask[:, None, None, :width].bool() if ready_mask else attention_mask[:, :width]
             logits = self._forward(
-                input_ids=token[:, None], attention_mask=attention_mask[:, :width],
+                input_ids=token[:, None], attention_mask=step_mask,
                 position_ids=_decode_positions(next_position, mrope_model), use_cache=True,
                 **{self._cache_kwarg: cache},
             ).logits[:, -1]  # [b, V]
