@@ -6,7 +6,13 @@ attention-mask rows and positions are dropped, so later steps only compute on li
 
 KV cache: ``cache="static"`` (default) preallocates [B, H, P + max_new_tokens, D] per layer and writes
 each step in place; ``cache="dynamic"`` uses HF's ``DynamicCache``, which concatenates (copies the
-whole cache) every step. Models with sliding-window or linear-attention layers always use the dynamic one.
+whole cache) every step. On the 2-core CPU at 64 x 96 tokens the two measured the same (within noise);
+the static one avoids a per-step copy that grows with length. Models with sliding-window or
+linear-attention layers always use the dynamic one.
+
+Measured on CPU, a generate call costs ~6-10% more than the bare decode forwards it runs (sampling,
+bookkeeping): the HF model forward is the floor. ``compile=True`` (torch.compile, dynamic shapes) is
+checked for equal tokens on CPU only (slow test); CUDA graphs are not implemented.
 
 Multimodal prompts (Qwen3-VL: ``pixel_values``, ``image_grid_thw``, ``mm_token_type_ids`` in
 ``extra_inputs``): we compute the 3-D mrope positions of the prompts with the model's own
