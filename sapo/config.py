@@ -63,6 +63,10 @@ class TrainConfig:
         300, "supervised warm-start steps for builtin:* models (the starting policy; cached per value)",
         group="model",
     )
+    fused_loss_head: bool = _opt(
+        True, "token-level objectives: compute the lm_head gradient inside the chunked forward "
+        "(3 vocabulary matmuls instead of 4, never the [N, V] logits)", group="model",
+    )
     logprob_chunk_size: int = _opt(0, "rows per chunk in the log-prob head (0 = automatic)", group="model")
 
     # ---- data -----------------------------------------------------------------------------

@@ -17,8 +17,8 @@ import torch
 from sapo.config import ConfigError, TrainConfig
 from sapo.models import routing as moe
 from sapo.models.forward import hidden_states, output_bias, output_weight
-from sapo.objectives import policy_loss
-from sapo.ops import token_logprobs
+from sapo.objectives import aggregation_weights, policy_loss, resolve
+from sapo.ops import fused_token_policy_loss, token_logprobs
 from sapo.training.batch import merge_metrics, select_rows
 
 
@@ -57,8 +57,8 @@ class PolicyHandle:
             return contextlib.nullcontext()
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16)
 
-    def completion_logprobs(self, model, t, cfg: TrainConfig, *, with_entropy: bool = False):
-        """Log-probs [b, C] (float32, 0 where masked) of the completion tokens of rollout rows t."""
+    def completion_hidden(self, model, t, cfg: TrainConfig):
+        """Hidden states [n, d] that predict the n completion tokens of rows t, their labels [n], mask [b, C]."""
         input_ids = t.input_ids.to(self.device)
         extra = _stack_extra(t.extra, t.prompt_width, input_ids.shape[1], self.device)
         # with images (Qwen3-VL) the model computes its 3-D mrope positions from the ids, mask and grids
@@ -79,18 +79,16 @@ class PolicyHandle:
         # the hidden state at position j predicts token j + 1
         h = hidden[:, P - 1 : -1][mask]  # [n, d]
         labels = input_ids[:, P:][mask]  # [n]
+        return h, labels, mask
+
+    def completion_logprobs(self, model, t, cfg: TrainConfig, *, with_entropy: bool = False):
+        """Log-probs [b, C] (float32, 0 where masked) of the completion tokens of rollout rows t."""
+        h, labels, mask = self.completion_hidden(model, t, cfg)
         logp_flat, ent_flat = token_logprobs(
             h, output_weight(model), labels, temperature=cfg.temperature, with_entropy=with_entropy,
             chunk_size=cfg.logprob_chunk_size or None, bias=output_bias(model),
         )
-        logp = torch.zeros(mask.shape, dtype=torch.float32, device=self.device)
-        logp = logp.masked_scatter(mask, logp_flat)  # [b, C]
-        entropy = None
-        if ent_flat is not None:
-            entropy = torch.zeros(mask.shape, dtype=torch.float32, device=self.device).masked_scatter(
-                mask, ent_flat.detach()
-            )
-        return logp, entropy
+        return _unflatten(logp_flat, mask), _unflatten(ent_flat.detach(), mask) if ent_flat is not None else None
 
     def _micro_batches(self, rows: torch.Tensor, cfg: TrainConfig):
         size = cfg.micro_batch_size or len(rows)
@@ -164,6 +162,21 @@ class PolicyHandle:
         return options
 
     # -- one optimizer update -----------------------------------------------------------------
+    def fused_loss(self, cfg: TrainConfig, loss_options: dict) -> bool:
+        """The fused head applies to token-level objectives without KL and an lm_head without bias."""
+        if not hasattr(self, "spec"):
+            self.spec = resolve(cfg.loss_type, **loss_options)
+        return (cfg.fused_loss_head and self.spec.token_level and self.spec.beta == 0
+                and output_bias(self.model) is None)
+
+    def _tis_weights(self, cfg: TrainConfig, old_logp, part, mask):
+        """Truncated importance sampling: min(pi_old / pi_sampler, tis_cap) per token (sampler mismatch)."""
+        if cfg.tis_cap <= 0 or old_logp is None:
+            return None
+        sampler = part.sampler_logprobs.to(self.device)
+        weights = torch.exp((old_logp - sampler).clamp(max=20.0)).clamp(max=cfg.tis_cap)
+        return torch.where(mask, weights, 0.0)
+
     def update(self, optimizer, tensors, rows, old: BehaviourPass, ref_logprobs, loss_options, cfg) -> dict:
         """One optimizer step on mini-batch `rows`, accumulated over micro-batches.
 
@@ -188,21 +201,37 @@ class PolicyHandle:
             else:
                 ctx = contextlib.nullcontext()
             with ctx as record:  # backward inside: activation checkpointing re-runs the forward
-                logp, entropy = self.completion_logprobs(model, part, cfg, with_entropy=True)
                 mask = part.completion_mask.to(self.device)
-                old_logp = old.old_logprobs[micro.to(self.device)] if old.old_logprobs is not None else logp.detach()
-                token_weights = None
-                if cfg.tis_cap > 0:
-                    # truncated importance sampling: pi_old / pi_sampler, capped (sampler/trainer mismatch)
-                    sampler = part.sampler_logprobs.to(self.device)
-                    token_weights = torch.exp((old_logp - sampler).clamp(max=20.0)).clamp(max=cfg.tis_cap)
-                    token_weights = torch.where(mask, token_weights, 0.0)
-                loss, metrics = policy_loss(
-                    logp, old_logp, part.advantages.to(self.device), mask, cfg.loss_type,
-                    ref_logprobs=ref_logprobs[micro.to(self.device)] if ref_logprobs is not None else None,
-                    token_weights=token_weights, num_sequences=num_sequences, num_tokens=num_tokens,
-                    **loss_options,
-                )
+                advantages = part.advantages.to(self.device)
+                ref = ref_logprobs[micro.to(self.device)] if ref_logprobs is not None else None
+                old_logp = old.old_logprobs[micro.to(self.device)] if old.old_logprobs is not None else None
+                if old_logp is not None and self.fused_loss(cfg, loss_options):
+                    # token-level objective: dL/dlogp is known per token, so the lm_head gradient is
+                    # computed chunk by chunk inside the forward (sapo.ops.fused_token_policy_loss)
+                    h, labels, _ = self.completion_hidden(model, part, cfg)
+                    weights = aggregation_weights(mask, self.spec, num_sequences=num_sequences, num_tokens=num_tokens)
+                    tis = self._tis_weights(cfg, old_logp, part, mask)
+                    if tis is not None:
+                        weights = weights * tis
+                    loss, logp_flat, ent_flat = fused_token_policy_loss(
+                        h, output_weight(model), labels,
+                        old_logp[mask],
+                        advantages[:, None].expand_as(mask)[mask], weights[mask], self.spec,
+                        temperature=cfg.temperature, chunk_size=cfg.logprob_chunk_size or None, with_entropy=True,
+                    )
+                    logp, entropy = _unflatten(logp_flat, mask), _unflatten(ent_flat, mask)
+                    with torch.no_grad():  # the diagnostics, from the same log-probs
+                        _, metrics = policy_loss(
+                            logp, old_logp, advantages, mask, cfg.loss_type,
+                            token_weights=tis, num_sequences=num_sequences, num_tokens=num_tokens, **loss_options,
+                        )
+                else:
+                    logp, entropy = self.completion_logprobs(model, part, cfg, with_entropy=True)
+                    loss, metrics = policy_loss(
+                        logp, old_logp if old_logp is not None else logp.detach(), advantages, mask, cfg.loss_type,
+                        ref_logprobs=ref, token_weights=self._tis_weights(cfg, old_logp, part, mask),
+                        num_sequences=num_sequences, num_tokens=num_tokens, **loss_options,
+                    )
                 if not torch.isfinite(loss):
                     finite = False
                     break
@@ -241,6 +270,11 @@ class PolicyHandle:
         save_model(self.model, self.tokenizer, path)
         if self.processor is not None:  # a VL model reloads with its image processor
             self.processor.save_pretrained(path)
+
+
+def _unflatten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """[n] values at the True positions of mask [b, C] -> [b, C] float32, 0 elsewhere."""
+    return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_scatter(mask, values.float())
 
 
 def _full_mask(t) -> torch.Tensor:
