@@ -63,6 +63,9 @@ class TrainConfig:
         300, "supervised warm-start steps for builtin:* models (the starting policy; cached per value)",
         group="model",
     )
+    warmstart_label_smoothing: float = _opt(
+        0.0, "label smoothing of the built-in warm start's cross-entropy", group="model",
+    )
     fused_loss_head: bool = _opt(
         True, "token-level objectives: compute the lm_head gradient inside the chunked forward "
         "(3 vocabulary matmuls instead of 4, never the [N, V] logits)", group="model",

@@ -34,6 +34,7 @@ class WarmStartRecipe:
     batch_size: int = 64
     lr: float = 2e-3
     warmup: int = 50
+    label_smoothing: float = 0.0
     seed: int = 0
     train_size: int = 20000
 
@@ -71,6 +72,7 @@ def supervised_train(
     optimizer: torch.optim.Optimizer | None = None,
     log_every: int = 0,
     extra: list | None = None,
+    label_smoothing: float = 0.0,
 ) -> dict:
     """Cross-entropy on target tokens only. Stops at `steps` or `time_budget_s`, whichever first.
 
@@ -96,13 +98,17 @@ def supervised_train(
             from sapo.data.multimodal import collate_extra
 
             visual = collate_extra([extra[i] for i in idx], input_ids.shape[1])  # prompts start at column 0
-        out = model(input_ids=input_ids, attention_mask=attention, labels=labels, use_cache=False, **visual)
+        logits = model(input_ids=input_ids, attention_mask=attention, use_cache=False, **visual).logits  # [B, L, V]
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100,
+            label_smoothing=label_smoothing,
+        )
         optimizer.zero_grad(set_to_none=True)
-        out.loss.backward()
+        loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         sched.step()
-        losses.append(out.loss.item())
+        losses.append(loss.item())
         done += 1
         if log_every and done % log_every == 0:
             print(f"[sapo] warm start step {done}/{steps} loss {sum(losses[-log_every:]) / log_every:.4f}", flush=True)
@@ -143,7 +149,7 @@ def builtin_model_path(name: str, recipe: WarmStartRecipe | None = None, *, verb
         target_ids = [tokenizer.encode(reference_completion(e), add_special_tokens=False) + [eos] for e in examples]
     stats = supervised_train(model, prompt_ids, target_ids, tokenizer.pad_token_id, steps=recipe.steps,
                              batch_size=recipe.batch_size, lr=recipe.lr, warmup=recipe.warmup, seed=recipe.seed,
-                             log_every=100 if verbose else 0, extra=extra)
+                             log_every=100 if verbose else 0, extra=extra, label_smoothing=recipe.label_smoothing)
     tmp = folder.with_name(folder.name + f".tmp{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
