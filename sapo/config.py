@@ -166,6 +166,10 @@ class TrainConfig:
     keep_checkpoints: int = _opt(2, "how many recent checkpoints to keep")
     resume: str = _opt("", "output_dir of a run to continue from its last complete checkpoint")
     threads: int = _opt(0, "torch.set_num_threads (0 = torch's default)")
+    parallel: str = _opt(
+        "auto", "under torchrun with several processes: fsdp (FSDP2 on the decoder layers), ddp (replicated "
+        "weights, gradients all-reduced); auto = fsdp (sapo/distributed.py)", ("auto", "fsdp", "ddp"),
+    )
     log_samples: int = _opt(4, "completions per step written to samples.jsonl")
     tensorboard: bool = _opt(True, "write TensorBoard events to output_dir/tensorboard")
     progress: bool = _opt(True, "show a progress bar")
