@@ -1,0 +1,616 @@
+"""`sapo compare`: the MoE stability study. Several objectives, same task, model, data order and seeds.
+
+Each run is `sapo train key=value ...` in its own subprocess (a crash or a NaN stop of one run never
+takes the study down), sequentially or `--jobs N` at a time. A run's folder is named by its config,
+not by the study part that asked for it, so a config shared by two parts (e.g. `tau_neg=1.05` is the
+`sapo` default) runs once. A finished run is skipped, a run with a checkpoint is resumed: a long grid
+continues where it stopped. The summary (table.md/csv, frontier, plots) is rebuilt from metrics.jsonl.
+
+Collapse (docs/moe_study.md): a run collapsed when any of
+  - it stopped on non-finite updates (exit 1) or logged a non-finite Pass@1 / loss / reward,
+  - held-out Pass@1 fell below DROP x its best at an evaluation after the best (best >= MIN_BEST),
+  - the mean completion length stayed at >= CAP_FRAC x max_completion_length for CAP_WINDOW steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sapo.tracking import read_metrics
+
+OBJECTIVES = ("sapo", "gspo", "grpo", "grpo_r2")  # row labels; grpo_r2 = GRPO clip 0.2/0.27 + R2 replay
+MOE, DENSE = "builtin:arith-moe", "builtin:arith-dense"
+NONFINITE_MARK = "consecutive updates had non-finite"  # what `sapo train` prints when it stops on NaN/inf (exit 1)
+DROP, MIN_BEST, CAP_FRAC, CAP_WINDOW = 0.5, 0.05, 0.95, 5
+RUN_STATUS = "study_run.json"  # written next to metrics.jsonl when the subprocess ends
+
+
+# ---------------------------------------------------------------------------------------------
+# The grid
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    part: str  # objectives | frontier | tau_neg | tau | dense_vs_moe
+    label: str  # sapo, gspo, grpo, grpo_r2, tau_neg=0.95, tau=2, ...
+    loss_type: str
+    lr: float
+    num_minibatches: int
+    seed: int
+    model: str = MOE
+    tau_pos: float = 1.0
+    tau_neg: float = 1.05
+
+    @property
+    def name(self) -> str:
+        """Folder name from the config alone (part and label excluded): a shared config runs once."""
+        model = self.model.split(":")[-1].removeprefix("arith-")
+        return (f"{self.loss_type}_{model}_lr{self.lr:g}_mb{self.num_minibatches}"
+                f"_tp{self.tau_pos:g}_tn{self.tau_neg:g}_s{self.seed}")
+
+    def overrides(self, base: dict[str, str]) -> dict[str, str]:
+        return {**base, "loss_type": self.loss_type, "model": self.model, "lr": f"{self.lr:g}",
+                "num_minibatches": str(self.num_minibatches), "seed": str(self.seed),
+                "tau_pos": f"{self.tau_pos:g}", "tau_neg": f"{self.tau_neg:g}"}
+
+
+@dataclass
+class StudyGrid:
+    name: str
+    base: dict[str, str]  # config keys shared by every run
+    specs: list[RunSpec] = field(default_factory=list)
+
+    @property
+    def runs(self) -> list[RunSpec]:
+        """One spec per distinct folder, in grid order."""
+        seen: dict[str, RunSpec] = {}
+        for s in self.specs:
+            seen.setdefault(s.name, s)
+        return list(seen.values())
+
+
+_QUIET = {"progress": "false", "tensorboard": "false", "report": "false", "log_samples": "2", "threads": "1",
+          "keep_checkpoints": "1", "eval_greedy": "false"}
+
+
+def _build(name: str, base: dict, *, main_lr: float, lrs: list[float], seeds: list[int], minibatches: list[int],
+           tau_negs: list[float], taus: list[float], tau_seeds: list[int], dense_labels: list[str]) -> StudyGrid:
+    specs: list[RunSpec] = []
+    mb0 = minibatches[0]
+    for mb in minibatches:  # Pass@1 over steps per objective at each off-policy degree
+        specs += [RunSpec("objectives", o, o, main_lr, mb, s) for o in OBJECTIVES for s in seeds]
+    for mb in minibatches[: 1 if name != "full" else None]:  # stability frontier over the lr grid
+        specs += [RunSpec("frontier", o, o, lr, mb, s) for o in OBJECTIVES for lr in lrs for s in seeds]
+    specs += [RunSpec("tau_neg", f"tau_neg={t:g}", "sapo", main_lr, mb0, s, tau_neg=t)  # paper ablation
+              for t in tau_negs for s in seeds]
+    specs += [RunSpec("tau", f"tau={t:g}", "sapo", main_lr, mb0, s, tau_pos=t, tau_neg=t)  # wider sweep
+              for t in taus for s in tau_seeds]
+    for model in (DENSE, MOE):  # log-ratio spread and Var_i, dense vs MoE, same objective and lr
+        specs += [RunSpec("dense_vs_moe", o, o, main_lr, mb0, s, model=model) for o in dense_labels for s in seeds]
+    return StudyGrid(name, base, specs)
+
+
+def make_grid(name: str) -> StudyGrid:
+    """smoke (the test), default (~1 h sequential on 2 cores, threads=1), full (hours)."""
+    if name == "smoke":
+        base = {**_QUIET, "warmstart_steps": "20", "train_size": "200", "prompts_per_step": "4",
+                "num_generations": "4", "max_completion_length": "16", "eval_num_problems": "8",
+                "eval_num_samples": "2", "eval_pass_k": "[1,2]", "max_steps": "2", "eval_steps": "1",
+                "save_steps": "1"}
+        grid = StudyGrid(name, base)
+        grid.specs = [RunSpec(part, o, o, 1e-3, 2, 0) for part in ("objectives", "frontier")
+                      for o in ("sapo", "grpo_r2")]
+        grid.specs.append(RunSpec("dense_vs_moe", "sapo", "sapo", 1e-3, 2, 0))
+        return grid
+    common = {**_QUIET, "eval_num_problems": "200", "eval_num_samples": "4", "eval_pass_k": "[1,4]",
+              "eval_steps": "10", "save_steps": "10"}
+    if name == "default":
+        return _build(name, {**common, "max_steps": "50"}, main_lr=1e-4, lrs=[3e-5, 1e-4, 3e-4], seeds=[0, 1],
+                      minibatches=[4, 8], tau_negs=[0.95, 1.0, 1.05], taus=[1, 2, 5, 10], tau_seeds=[0],
+                      dense_labels=["sapo"])
+    if name == "full":
+        return _build(name, {**common, "max_steps": "150"}, main_lr=1e-4, lrs=[1e-5, 3e-5, 1e-4, 2e-4, 3e-4],
+                      seeds=[0, 1, 2], minibatches=[4, 8], tau_negs=[0.95, 1.0, 1.05], taus=[1, 2, 5, 10],
+                      tau_seeds=[0, 1, 2], dense_labels=["sapo", "grpo"])
+    raise ValueError(f"grid={name!r}: choose one of smoke, default, full")
+
+
+# ---------------------------------------------------------------------------------------------
+# Collapse
+
+
+@dataclass
+class Collapse:
+    collapsed: bool = False
+    reasons: list[str] = field(default_factory=list)
+    step: int | None = None  # the first step at which a rule fired
+
+    def add(self, reason: str, step: int) -> None:
+        self.collapsed = True
+        self.reasons.append(reason)
+        self.step = step if self.step is None else min(self.step, step)
+
+
+def _num(value) -> float | None:
+    """A metric value as a float (JSON writes NaN/inf as strings), None when absent."""
+    if value is None or isinstance(value, bool):
+        return None
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def detect_collapse(rows: list[dict], *, max_completion_length: int, nonfinite_stop: bool = False,
+                    drop: float = DROP, min_best: float = MIN_BEST, cap_frac: float = CAP_FRAC,
+                    cap_window: int = CAP_WINDOW) -> Collapse:
+    """Apply the three collapse rules (module docstring) to one run's metrics rows."""
+    out = Collapse()
+    last_step = max((int(r["step"]) for r in rows), default=0)
+    if nonfinite_stop:
+        out.add("non-finite stop", last_step)
+    for r in rows:
+        bad = [k for k in ("eval/pass@1", "loss/total", "reward/mean")
+               if (v := _num(r.get(k))) is not None and not math.isfinite(v)]
+        if bad:
+            out.add(f"non-finite {bad[0]}", int(r["step"]))
+            break
+    evals = [(int(r["step"]), v) for r in rows if (v := _num(r.get("eval/pass@1"))) is not None and math.isfinite(v)]
+    if evals:
+        best_step, best = max(evals, key=lambda e: (e[1], -e[0]))  # earliest step among ties
+        if best >= min_best:
+            low = [(s, v) for s, v in evals if s > best_step and v < drop * best]
+            if low:
+                out.add(f"Pass@1 {best:.3f} (step {best_step}) -> {low[0][1]:.3f} (step {low[0][0]})", low[0][0])
+    run = 0
+    for r in rows:
+        length = _num(r.get("completion/length_mean"))
+        if length is None:
+            continue
+        run = run + 1 if length >= cap_frac * max_completion_length else 0
+        if run >= cap_window:
+            out.add(f"length at cap for {cap_window} steps", int(r["step"]))
+            break
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+def _status(run_dir: Path) -> dict:
+    path = run_dir / RUN_STATUS
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def is_complete(run_dir: Path, max_steps: int) -> bool:
+    """Finished all steps, or stopped for good on non-finite updates (a collapse, not a crash)."""
+    status = _status(run_dir)
+    if status.get("nonfinite_stop"):
+        return True
+    steps = [int(r["step"]) for r in read_metrics(run_dir)]
+    return status.get("returncode") == 0 and bool(steps) and max(steps) >= max_steps
+
+
+def _command(spec: RunSpec, base: dict, run_dir: Path) -> list[str]:
+    from sapo.checkpoint import list_checkpoints
+
+    head = [sys.executable, "-m", "sapo", "train"]
+    if list_checkpoints(run_dir):  # continue it; max_steps may have been raised since
+        keep = {k: base[k] for k in ("max_steps", "eval_steps", "save_steps", "threads") if k in base}
+        return head + [f"resume={run_dir}"] + [f"{k}={v}" for k, v in keep.items()] + [
+            "progress=false", "tensorboard=false", "report=false"]
+    return head + [f"{k}={v}" for k, v in spec.overrides(base).items()] + [f"output_dir={run_dir}"]
+
+
+def _run_one(spec: RunSpec, base: dict, run_dir: Path, env: dict) -> int:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cmd = _command(spec, base, run_dir)
+    t0 = time.time()
+    with open(run_dir / "study.log", "a") as log:
+        log.write(" ".join(cmd) + "\n")
+        log.flush()
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                            cwd=Path(__file__).resolve().parents[1]).returncode
+    # exit 1 is also any uncaught error: only the trainer's own message marks a non-finite stop
+    nonfinite = rc == 1 and NONFINITE_MARK in (run_dir / "study.log").read_text()[-4000:]
+    (run_dir / RUN_STATUS).write_text(json.dumps({"returncode": rc, "nonfinite_stop": nonfinite,
+                                                  "seconds": round(time.time() - t0, 1)}))
+    return rc
+
+
+def run_study(grid: StudyGrid, out_dir: str | Path, *, jobs: int = 1, log=print) -> list[tuple[RunSpec, int | None]]:
+    """Run every missing run of the grid; (spec, returncode or None when skipped) per run."""
+    from sapo.config import build_config
+    from sapo.training.warmstart import BUILTIN_MODELS, WarmStartRecipe, builtin_model_path
+
+    out_dir = Path(out_dir)
+    runs = grid.runs
+    configs = {s.name: build_config(overrides=s.overrides(grid.base)) for s in runs}  # every typo fails now
+    todo = [s for s in runs if not is_complete(out_dir / "runs" / s.name, configs[s.name].max_steps)]
+    log(f"[compare] grid {grid.name}: {len(runs)} runs, {len(runs) - len(todo)} already done, {len(todo)} to run")
+    # build each warm start once here, so parallel runs never build the same one twice
+    import torch
+
+    threads = grid.base.get("threads", "1")
+    torch.set_num_threads(max(1, int(threads)))
+    for key in sorted({(c.model, c.warmstart_steps, c.warmstart_label_smoothing) for c in configs.values()}):
+        if key[0] in BUILTIN_MODELS:
+            builtin_model_path(key[0], WarmStartRecipe(steps=key[1], label_smoothing=key[2]))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": threads,
+           "MKL_NUM_THREADS": threads}
+    results: list[tuple[RunSpec, int | None]] = [(s, None) for s in runs if s not in todo]
+
+    def one(i_spec):
+        i, spec = i_spec
+        t0 = time.time()
+        rc = _run_one(spec, grid.base, out_dir / "runs" / spec.name, env)
+        log(f"[compare] {i + 1}/{len(todo)} {spec.name}: exit {rc} in {time.time() - t0:.0f} s")
+        return spec, rc
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        results += list(pool.map(one, enumerate(todo)))
+    return results
+
+
+# ---------------------------------------------------------------------------------------------
+# Summary: one row per run, then per config over seeds
+
+DIAGNOSTICS = {  # column -> metric key, averaged over a run's training steps
+    "var_i": "log_ratio/seq_var_mean", "log_r_q01": "log_ratio/q01", "log_r_q99": "log_ratio/q99",
+    "routing_changed": "moe/routing_changed", "gate_lt_0.5": "sapo/gate_lt_0.5_frac", "clip_frac": "clip/frac",
+    "clip_seq_frac": "clip/seq_frac", "entropy": "entropy/mean",
+}
+
+
+@dataclass
+class RunResult:
+    spec: RunSpec
+    status: str  # done | collapsed | missing | partial | error
+    collapse: Collapse
+    rows: list[dict]
+    evals: list[tuple[int, float]]  # (step, Pass@1)
+    diagnostics: dict[str, float]
+
+    def pass1(self, which: str) -> float | None:
+        if not self.evals:
+            return None
+        values = [v for _, v in self.evals]
+        return {"start": values[0], "best": max(values), "final": values[-1]}[which]
+
+
+def load_result(spec: RunSpec, base: dict, out_dir: Path) -> RunResult:
+    from sapo.config import build_config
+
+    run_dir = out_dir / "runs" / spec.name
+    cfg = build_config(overrides=spec.overrides(base))
+    rows, status = read_metrics(run_dir), _status(run_dir)
+    collapse = detect_collapse(rows, max_completion_length=cfg.max_completion_length,
+                               nonfinite_stop=bool(status.get("nonfinite_stop")))
+    if not rows:
+        state = "missing" if not status else "error"
+    elif collapse.collapsed:
+        state = "collapsed"
+    elif is_complete(run_dir, cfg.max_steps):
+        state = "done"
+    else:
+        state = "error" if status.get("returncode") not in (None, 0) else "partial"
+    evals = [(int(r["step"]), v) for r in rows if (v := _num(r.get("eval/pass@1"))) is not None and math.isfinite(v)]
+    diagnostics = {}
+    for column, key in DIAGNOSTICS.items():
+        values = [v for r in rows if (v := _num(r.get(key))) is not None and math.isfinite(v)]
+        if values:
+            diagnostics[column] = sum(values) / len(values)
+    return RunResult(spec, state, collapse, rows, evals, diagnostics)
+
+
+def _config_key(s: RunSpec) -> tuple:
+    return (s.part, s.label, s.model, s.num_minibatches, s.lr, s.tau_pos, s.tau_neg)
+
+
+def group_results(grid: StudyGrid, out_dir: Path) -> dict[tuple, list[RunResult]]:
+    """(part, label, model, mini-batches, lr, tau_pos, tau_neg) -> the results of its seeds."""
+    cache: dict[str, RunResult] = {}
+    groups: dict[tuple, list[RunResult]] = {}
+    for spec in grid.specs:
+        if spec.name not in cache:
+            cache[spec.name] = load_result(spec, grid.base, out_dir)
+        groups.setdefault(_config_key(spec), []).append(cache[spec.name])
+    return groups
+
+
+def _spread(values: list[float]) -> tuple[float, float, float] | None:
+    return (sum(values) / len(values), min(values), max(values)) if values else None
+
+
+TABLE_COLUMNS = ["part", "label", "model", "minibatches", "lr", "tau_pos", "tau_neg", "seeds", "finished",
+                 "collapsed", "collapse_reasons", "pass1_start", "pass1_best", "pass1_best_min", "pass1_best_max",
+                 "pass1_final", "pass1_final_min", "pass1_final_max", *DIAGNOSTICS]
+
+
+def table_rows(groups: dict[tuple, list[RunResult]]) -> list[dict]:
+    out = []
+    for (part, label, model, mb, lr, tau_pos, tau_neg), results in groups.items():
+        row = {"part": part, "label": label, "model": model.split(":")[-1], "minibatches": mb, "lr": lr,
+               "tau_pos": tau_pos, "tau_neg": tau_neg, "seeds": len(results),
+               "finished": sum(r.status in ("done", "collapsed") for r in results),
+               "collapsed": sum(r.collapse.collapsed for r in results),
+               "collapse_reasons": "; ".join(f"s{r.spec.seed}: {', '.join(r.collapse.reasons)}"
+                                             for r in results if r.collapse.collapsed)}
+        for which in ("start", "best", "final"):
+            spread = _spread([v for r in results if (v := r.pass1(which)) is not None])
+            row[f"pass1_{which}"] = spread[0] if spread else None
+            if which != "start":
+                row[f"pass1_{which}_min"], row[f"pass1_{which}_max"] = (spread[1], spread[2]) if spread else (None,
+                                                                                                             None)
+        for column in DIAGNOSTICS:
+            spread = _spread([r.diagnostics[column] for r in results if column in r.diagnostics])
+            row[column] = spread[0] if spread else None
+        out.append(row)
+    return out
+
+
+def frontier_rows(groups: dict[tuple, list[RunResult]]) -> list[dict]:
+    """Per (objective, model, mini-batches): the largest lr whose seeds all finished without collapse."""
+    by_objective: dict[tuple, list[tuple[float, list[RunResult]]]] = {}
+    for (part, label, model, mb, lr, *_), results in groups.items():
+        if part == "frontier":
+            by_objective.setdefault((label, model, mb), []).append((lr, results))
+    out = []
+    for (label, model, mb), entries in by_objective.items():
+        stable = [(lr, rs) for lr, rs in entries if all(r.status == "done" for r in rs)]
+        unstable = sorted(lr for lr, rs in entries if any(r.collapse.collapsed for r in rs))
+        best = None
+        for lr, rs in stable:
+            mean_best = _spread([v for r in rs if (v := r.pass1("best")) is not None])
+            if mean_best and (best is None or mean_best[0] > best[1]):
+                best = (lr, mean_best[0])
+        out.append({"label": label, "model": model.split(":")[-1], "minibatches": mb,
+                    "lrs": " ".join(f"{lr:g}" for lr, _ in sorted(entries, key=lambda e: e[0])),
+                    "max_stable_lr": max((lr for lr, _ in stable), default=None),
+                    "collapsed_lrs": " ".join(f"{lr:g}" for lr in unstable),
+                    "best_pass1": best[1] if best else None, "best_pass1_lr": best[0] if best else None})
+    return out
+
+
+def _fmt(value, digits: int = 3) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}" if abs(value) >= 1e-3 or value == 0 else f"{value:.2g}"
+    return str(value)
+
+
+def _markdown(rows: list[dict], columns: list[tuple[str, str]]) -> list[str]:
+    lines = ["| " + " | ".join(title for _, title in columns) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        lines.append("| " + " | ".join(row[key] if isinstance(row[key], str) else _fmt(row[key])
+                                       for key, _ in columns) + " |")
+    return lines
+
+
+def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=columns)
+        writer.writeheader()
+        writer.writerows([{k: ("" if row.get(k) is None else row[k]) for k in columns} for row in rows])
+
+
+def write_summary(grid: StudyGrid, out_dir: str | Path) -> Path:
+    """table.md / table.csv / frontier.csv / runs.csv and plots/ from the runs' metrics."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    groups = group_results(grid, out_dir)
+    rows, frontier = table_rows(groups), frontier_rows(groups)
+    _write_csv(out_dir / "table.csv", rows, TABLE_COLUMNS)
+    _write_csv(out_dir / "frontier.csv", frontier, list(frontier[0]) if frontier else ["label"])
+    runs = {r.spec.name: r for rs in groups.values() for r in rs}
+    _write_csv(out_dir / "runs.csv", [
+        {"run": n, "status": r.status, "seed": r.spec.seed, "collapse_step": r.collapse.step,
+         "collapse_reasons": "; ".join(r.collapse.reasons), "pass1_start": r.pass1("start"),
+         "pass1_best": r.pass1("best"), "pass1_final": r.pass1("final"), **r.diagnostics}
+        for n, r in runs.items()], ["run", "status", "seed", "collapse_step", "collapse_reasons", "pass1_start",
+                                    "pass1_best", "pass1_final", *DIAGNOSTICS])
+    shown = []
+    for row in rows:
+        d = {**row, "lr": f"{row['lr']:.0e}", "seeds": f"{row['finished']}/{row['seeds']}",
+             "collapsed": f"**{row['collapsed']}/{row['seeds']}**" if row["collapsed"] else "0"}
+        for which in ("best", "final"):
+            lo, hi = row[f"pass1_{which}_min"], row[f"pass1_{which}_max"]
+            d[f"pass1_{which}"] = (f"{_fmt(row[f'pass1_{which}'])} [{_fmt(lo)}, {_fmt(hi)}]"
+                                   if row[f"pass1_{which}"] is not None else "-")
+        shown.append(d)
+    lines = [f"# MoE stability study: grid `{grid.name}`", "",
+             f"{len(runs)} runs; per-run rows in runs.csv, this table in table.csv. Pass@1 = held-out avg@n; "
+             "best/final: mean over seeds [min, max]. Diagnostics: mean over training steps and seeds. "
+             f"Collapse: non-finite stop or value, held-out Pass@1 below {DROP:g} x its best (>= {MIN_BEST:g}) "
+             f"after the best, or mean length >= {CAP_FRAC:g} x the cap for {CAP_WINDOW} steps "
+             "(docs/moe_study.md).", "",
+             "Shared: " + " ".join(f"`{k}={v}`" for k, v in grid.base.items() if k not in _QUIET), "", "## Runs", ""]
+    lines += _markdown(shown, [
+        ("part", "part"), ("label", "objective"), ("model", "model"), ("minibatches", "mb"), ("lr", "lr"),
+        ("seeds", "finished"), ("collapsed", "collapsed"), ("pass1_start", "Pass@1 step 0"),
+        ("pass1_best", "best Pass@1"), ("pass1_final", "final Pass@1"), ("var_i", "Var_i"),
+        ("log_r_q01", "log r q01"), ("log_r_q99", "log r q99"), ("routing_changed", "routing changed"),
+        ("gate_lt_0.5", "gate<0.5"), ("clip_frac", "clip tok"), ("clip_seq_frac", "clip seq")])
+    reasons = [f"- `{r['label']}` {r['model']} mb{r['minibatches']} lr {r['lr']:.0e}: {r['collapse_reasons']}"
+               for r in rows if r["collapse_reasons"]]
+    if reasons:
+        lines += ["", "Collapsed runs:", "", *dict.fromkeys(reasons)]
+    if frontier:
+        lines += ["", "## Stability frontier", "",
+                  "Largest lr of the grid at which every seed finished without collapse; best Pass@1 = the "
+                  "highest seed-mean best Pass@1 over those stable lrs.", ""]
+        lines += _markdown([{**f, "max_stable_lr": f"{f['max_stable_lr']:.0e}" if f["max_stable_lr"] else "none",
+                             "best_pass1_lr": f"{f['best_pass1_lr']:.0e}" if f["best_pass1_lr"] else "-"}
+                            for f in frontier],
+                           [("label", "objective"), ("model", "model"), ("minibatches", "mb"), ("lrs", "lr grid"),
+                            ("max_stable_lr", "largest stable lr"), ("collapsed_lrs", "collapsed at"),
+                            ("best_pass1", "best Pass@1"), ("best_pass1_lr", "at lr")])
+    images = write_plots(groups, out_dir / "plots")
+    if images:
+        lines += ["", "## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in images]
+    path = out_dir / "table.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Plots
+
+
+def _curve(results: list[RunResult], key: str | None = None) -> tuple[list[int], list[float], list[float],
+                                                                       list[float]]:
+    """Mean, min, max over seeds at each step (Pass@1 by default, else the metric `key`)."""
+    per_step: dict[int, list[float]] = {}
+    for r in results:
+        points = r.evals if key is None else [(int(row["step"]), v) for row in r.rows
+                                               if (v := _num(row.get(key))) is not None and math.isfinite(v)]
+        for step, v in points:
+            per_step.setdefault(step, []).append(v)
+    steps = sorted(per_step)
+    return (steps, [sum(per_step[s]) / len(per_step[s]) for s in steps], [min(per_step[s]) for s in steps],
+            [max(per_step[s]) for s in steps])
+
+
+def _panel_curves(ax, curves: dict[str, list[RunResult]], title: str, key: str | None = None) -> None:
+    for label, results in curves.items():
+        steps, mean, lo, hi = _curve(results, key)
+        if not steps:
+            continue
+        collapsed = sum(r.collapse.collapsed for r in results)
+        tag = f" ({collapsed}/{len(results)} collapsed)" if collapsed else ""
+        line, = ax.plot(steps, mean, marker="o", ms=3, label=f"{label}{tag}")
+        if len(results) > 1:
+            ax.fill_between(steps, lo, hi, color=line.get_color(), alpha=0.2)
+    ax.set_title(title, fontsize=9)
+    ax.set_xlabel("step")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+
+
+def write_plots(groups: dict[tuple, list[RunResult]], plots: Path) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    plots.mkdir(parents=True, exist_ok=True)
+    saved: list[Path] = []
+
+    def save(fig, stem: str) -> None:
+        fig.tight_layout()
+        fig.savefig(plots / f"{stem}.png", dpi=110)
+        plt.close(fig)
+        saved.append(plots / f"{stem}.png")
+
+    def select(part: str) -> dict[tuple, list[RunResult]]:
+        return {k: v for k, v in groups.items() if k[0] == part}
+
+    objectives = select("objectives")  # Pass@1 over steps, one panel per mini-batch count
+    mbs = sorted({k[3] for k in objectives})
+    if mbs:
+        fig, axes = plt.subplots(1, len(mbs), figsize=(5.5 * len(mbs), 3.6), squeeze=False)
+        for ax, mb in zip(axes[0], mbs):
+            curves = {k[1]: v for k, v in objectives.items() if k[3] == mb}
+            lr = next(k[4] for k in objectives if k[3] == mb)
+            _panel_curves(ax, curves, f"held-out Pass@1, {mb} mini-batches/rollout, lr {lr:.0e} "
+                          "(mean, min-max over seeds)")
+        save(fig, "pass_at_1")
+    frontier = select("frontier")
+    if frontier:
+        mbs = sorted({k[3] for k in frontier})
+        fig, axes = plt.subplots(1, len(mbs), figsize=(5.5 * len(mbs), 3.6), squeeze=False)
+        for ax, mb in zip(axes[0], mbs):
+            for label in dict.fromkeys(k[1] for k in frontier if k[3] == mb):
+                points = sorted((k[4], v) for k, v in frontier.items() if k[1] == label and k[3] == mb)
+                lrs = [lr for lr, _ in points]
+                best = [_spread([b for r in rs if (b := r.pass1("best")) is not None]) for _, rs in points]
+                ys = [b[0] if b else math.nan for b in best]
+                line, = ax.plot(lrs, ys, marker="o", label=label)
+                bad = [(lr, y) for (lr, rs), y in zip(points, ys) if any(r.collapse.collapsed for r in rs)]
+                if bad:
+                    ax.scatter(*zip(*bad), marker="x", s=80, color=line.get_color())
+            ax.set_xscale("log")
+            ax.set_xlabel("learning rate")
+            ax.set_ylabel("best held-out Pass@1 (seed mean)")
+            ax.set_title(f"stability frontier, {mb} mini-batches (x: a seed collapsed)", fontsize=9)
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=7)
+        save(fig, "frontier")
+    for part, stem, title in (("tau_neg", "tau_neg", "tau_neg ablation (tau_pos = 1)"),
+                              ("tau", "tau_sweep", "tau sweep (tau_pos = tau_neg = tau)")):
+        chosen = select(part)
+        if chosen:
+            fig, ax = plt.subplots(figsize=(6, 3.6))
+            _panel_curves(ax, {k[1]: v for k, v in chosen.items()}, f"held-out Pass@1, {title}")
+            save(fig, stem)
+    dense = select("dense_vs_moe")
+    if dense:
+        fig, axes = plt.subplots(1, 2, figsize=(11, 3.6))
+        by_model = {f"{k[1]} {k[2].split(':')[-1]}": v for k, v in dense.items()}
+        _panel_curves(axes[0], by_model, "in-sequence variance Var_i of log r (mean over sequences)",
+                      key="log_ratio/seq_var_mean")
+        levels = ["q01", "q10", "q50", "q90", "q99"]
+        for label, results in by_model.items():
+            means = [_spread([m for r in results if (m := _mean_metric(r, f"log_ratio/{q}")) is not None])
+                     for q in levels]
+            axes[1].plot([int(q[1:]) for q in levels], [m[0] if m else math.nan for m in means], marker="o",
+                         label=label)
+        axes[1].set_xlabel("quantile (%)")
+        axes[1].set_ylabel("token log r (mean over steps)")
+        axes[1].set_title("token log-ratio distribution, dense vs MoE", fontsize=9)
+        axes[1].grid(alpha=0.3)
+        axes[1].legend(fontsize=7)
+        save(fig, "dense_vs_moe")
+    return saved
+
+
+def _mean_metric(result: RunResult, key: str) -> float | None:
+    values = [v for row in result.rows if (v := _num(row.get(key))) is not None and math.isfinite(v)]
+    return sum(values) / len(values) if values else None
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="sapo compare", description=__doc__.split("\n")[0])
+    parser.add_argument("--grid", default="default", choices=("smoke", "default", "full"))
+    parser.add_argument("--out", help="study folder (default: runs/moe-study-GRID)")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1; each uses threads=1)")
+    parser.add_argument("--summary-only", action="store_true", help="rebuild the table and plots, run nothing")
+    parser.add_argument("--list", action="store_true", help="print the runs of the grid and exit")
+    args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error("--jobs must be >= 1")
+    grid = make_grid(args.grid)
+    out = Path(args.out or f"runs/moe-study-{args.grid}")
+    if args.list:
+        for spec in grid.runs:
+            print(spec.name)
+        print(f"{len(grid.runs)} runs x {grid.base['max_steps']} steps")
+        return 0
+    if not args.summary_only:
+        try:
+            run_study(grid, out, jobs=args.jobs)
+        except KeyboardInterrupt:
+            print("[compare] interrupted; run the same command again to continue", file=sys.stderr)
+            return 130
+    print(write_summary(grid, out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
