@@ -91,13 +91,16 @@ def save_checkpoint(
     trainer_state: dict[str, Any],
     generators: dict[str, torch.Generator] | None = None,
     keep: int = 2,
+    full_state: tuple[dict, dict] | None = None,
 ) -> Path:
     """Write checkpoint-<step> atomically and prune older ones beyond `keep`.
 
+    full_state: (weights, optimizer state) already gathered from a sharded model
+    (sapo.distributed.full_state), saved instead of model's and optimizer's own state dicts.
     Refuses (NonFiniteError, nothing written) when a weight is NaN/inf: a checkpoint is always clean.
     """
     output_dir = Path(output_dir)
-    weights = trainable_state_dict(model)
+    weights = full_state[0] if full_state is not None else trainable_state_dict(model)
     bad = [k for k, v in weights.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
     if bad:
         raise NonFiniteError(f"not saving checkpoint-{step:06d}: non-finite weights in {', '.join(bad[:5])}; "
@@ -108,7 +111,7 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     torch.save(weights, tmp / "model.pt")
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(full_state[1] if full_state is not None else optimizer.state_dict(), tmp / "optimizer.pt")
     kill_point_for_tests("checkpoint", step)
     torch.save(scheduler.state_dict() if scheduler is not None else {}, tmp / "scheduler.pt")
     torch.save(rng_state(generators), tmp / "rng.pt")
@@ -160,14 +163,23 @@ def load_checkpoint(
     optimizer: torch.optim.Optimizer,
     scheduler: Any,
     generators: dict[str, torch.Generator] | None = None,
+    load_full_state: Any = None,
 ) -> dict[str, Any]:
-    """Restore everything saved by save_checkpoint; returns the trainer state (step, data position...)."""
+    """Restore everything saved by save_checkpoint; returns the trainer state (step, data position...).
+
+    load_full_state(weights, optimizer_state): how a sharded model takes the full state
+    (sapo.distributed.load_full_state); by default model and optimizer load their state dicts.
+    """
     path = Path(path)
     weights = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
-    missing, unexpected = model.load_state_dict(weights, strict=False)
-    if unexpected:
-        raise RuntimeError(f"checkpoint {path} has weights the model does not: {unexpected[:5]}")
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True))
+    optimizer_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    if load_full_state is not None:
+        load_full_state(weights, optimizer_state)
+    else:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+        if unexpected:
+            raise RuntimeError(f"checkpoint {path} has weights the model does not: {unexpected[:5]}")
+        optimizer.load_state_dict(optimizer_state)
     if scheduler is not None:
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", map_location="cpu", weights_only=True))
     set_rng_state(torch.load(path / "rng.pt", map_location="cpu", weights_only=False), generators)

@@ -85,6 +85,22 @@ class RunLogger:
             self._tb = None
 
 
+class NullLogger:
+    """The logger of ranks other than 0 in a data-parallel run: only rank 0 writes files."""
+
+    def log(self, step: int, metrics: dict[str, Any]) -> None:
+        pass
+
+    def log_samples(self, step: int, rows: list[dict]) -> None:
+        pass
+
+    def flush(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def read_metrics(output_dir: str | Path) -> list[dict]:
     path = Path(output_dir) / "metrics.jsonl"
     if not path.exists():
