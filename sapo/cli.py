@@ -1,4 +1,4 @@
-"""`sapo train | eval | report`: the command line."""
+"""`sapo train | eval | report | compare`: the command line."""
 
 from __future__ import annotations
 
@@ -19,10 +19,17 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("overrides", nargs="*", help="key=value pairs")
     rep = sub.add_parser("report", help="(re)write report.md and plots for a run folder")
     rep.add_argument("output_dir")
+    # listed for --help only: main() hands `sapo compare ...` to sapo.compare.main with its own options
+    sub.add_parser("compare", help="MoE stability study: objectives x lr x seeds (sapo compare --help)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["compare"]:
+        from sapo.compare import main as compare_main
+
+        return compare_main(argv[1:])
     args = _parser().parse_args(argv)
     if args.command is None:
         _parser().print_help()
