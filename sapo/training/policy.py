@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from sapo import distributed
 from sapo.config import ConfigError, TrainConfig
 from sapo.models import routing as moe
 from sapo.models.forward import hidden_states, output_bias, output_weight
@@ -180,14 +181,16 @@ class PolicyHandle:
     def update(self, optimizer, tensors, rows, old: BehaviourPass, ref_logprobs, loss_options, cfg) -> dict:
         """One optimizer step on mini-batch `rows`, accumulated over micro-batches.
 
-        Normalisers are the mini-batch's global counts (rows, unmasked tokens), passed to every
-        micro-batch, so accumulation gives exactly the whole-mini-batch gradient.
+        Normalisers are the mini-batch's global counts (rows, unmasked tokens; summed over
+        data-parallel ranks), passed to every micro-batch, so accumulation gives exactly the
+        whole-mini-batch gradient. With W ranks each rank's loss is its share of that sum; the
+        gradients are averaged over ranks, hence the factor W before backward (sapo/distributed.py).
         """
         model = self.model
         optimizer.zero_grad(set_to_none=True)
         mask_all = tensors.completion_mask[rows]
-        num_sequences = len(rows)
-        num_tokens = int(mask_all.sum())
+        num_sequences, num_tokens = distributed.global_counts(len(rows), int(mask_all.sum()))
+        loss_scale = distributed.world_size()
         metrics_rows, losses, finite = [], [], True
         routing_changed: list[float] = []
         for micro in self._micro_batches(rows, cfg):
@@ -234,8 +237,9 @@ class PolicyHandle:
                     )
                 if not torch.isfinite(loss):
                     finite = False
-                    break
-                loss.backward()
+                    if loss_scale == 1:  # several ranks: keep the backward collectives in step
+                        break
+                (loss * loss_scale).backward()
             losses.append(loss.detach())
             if entropy is not None and mask.any():
                 metrics["entropy/mean"] = entropy[mask].mean().item()
@@ -244,12 +248,11 @@ class PolicyHandle:
                 routing_changed.append(frac)
             metrics_rows.append(metrics)
         grad_norm = float("nan")
+        finite = distributed.all_true(finite)  # one rank's non-finite loss skips the update everywhere
         if finite:
             params = [p for p in model.parameters() if p.grad is not None]
-            if cfg.max_grad_norm > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
-            else:
-                grad_norm = float(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])))
+            distributed.sync_gradients(params)
+            grad_norm = distributed.clip_grad_norm(params, cfg.max_grad_norm)
             finite = bool(torch.isfinite(torch.tensor(grad_norm)))
         if not finite:
             # never step on a poisoned gradient: the weights stay as they were
