@@ -106,23 +106,14 @@ def visual_dataset(split: str = "train", n: int = 1000, seed: int = 0, *, heldou
     return examples
 
 
-# The supervised warm start sees only part of the training expressions (those whose split hash is past
-# WARMSTART_CUTOFF): on the rest the starting policy is as unsure as on held-out problems, so RL on the
-# training split has something left to learn that carries over to the held-out split.
-WARMSTART_CUTOFF = 0.6
-
-
 def warmstart_inputs(processor, n: int, seed: int = 0) -> tuple[list[list[int]], list[list[int]], list]:
-    """(prompt ids, target ids ending in EOS, visual inputs) of n training problems for a supervised warm
-    start, drawn from half of the training expressions (WARMSTART_CUTOFF)."""
+    """(prompt ids, target ids ending in EOS, visual inputs) of n training problems, for a supervised warm start."""
     from sapo.data.multimodal import encode_multimodal
     from sapo.data.templates import build_prompt
 
     tokenizer = processor.tokenizer
     prompt_ids, target_ids, extra = [], [], []
-    examples = [e for e in visual_dataset("train", 3 * n, seed)
-                if heldout_split(e.meta["expression"] + "=\n", WARMSTART_CUTOFF) == "train"][:n]
-    for example in examples:
+    for example in visual_dataset("train", n, seed):
         ids, visual = encode_multimodal(example, build_prompt(example, tokenizer), processor)
         prompt_ids.append(ids)
         extra.append(visual)
