@@ -84,12 +84,12 @@ _QUIET = {"progress": "false", "tensorboard": "false", "report": "false", "log_s
 
 
 def _build(name: str, base: dict, *, main_lr: float, lrs: list[float], seeds: list[int], minibatches: list[int],
-           tau_negs: list[float], taus: list[float], tau_seeds: list[int], dense_labels: list[str]) -> StudyGrid:
+           frontier_minibatches: list[int], tau_negs: list[float], taus: list[float], tau_seeds: list[int], dense_labels: list[str]) -> StudyGrid:
     specs: list[RunSpec] = []
     mb0 = minibatches[0]
     for mb in minibatches:  # Pass@1 over steps per objective at each off-policy degree
         specs += [RunSpec("objectives", o, o, main_lr, mb, s) for o in OBJECTIVES for s in seeds]
-    for mb in minibatches[: 1 if name != "full" else None]:  # stability frontier over the lr grid
+    for mb in frontier_minibatches:  # stability frontier over the lr grid
         specs += [RunSpec("frontier", o, o, lr, mb, s) for o in OBJECTIVES for lr in lrs for s in seeds]
     specs += [RunSpec("tau_neg", f"tau_neg={t:g}", "sapo", main_lr, mb0, s, tau_neg=t)  # paper ablation
               for t in tau_negs for s in seeds]
@@ -116,11 +116,11 @@ def make_grid(name: str) -> StudyGrid:
               "eval_steps": "10", "save_steps": "10"}
     if name == "default":
         return _build(name, {**common, "max_steps": "50"}, main_lr=1e-4, lrs=[3e-5, 1e-4, 3e-4], seeds=[0, 1],
-                      minibatches=[4, 8], tau_negs=[0.95, 1.0, 1.05], taus=[1, 2, 5, 10], tau_seeds=[0],
+                      minibatches=[4, 8], frontier_minibatches=[4], tau_negs=[0.95, 1.0, 1.05], taus=[1, 2, 5, 10], tau_seeds=[0],
                       dense_labels=["sapo"])
     if name == "full":
         return _build(name, {**common, "max_steps": "150"}, main_lr=1e-4, lrs=[1e-5, 3e-5, 1e-4, 2e-4, 3e-4],
-                      seeds=[0, 1, 2], minibatches=[4, 8], tau_negs=[0.95, 1.0, 1.05], taus=[1, 2, 5, 10],
+                      seeds=[0, 1, 2], minibatches=[4, 8], frontier_minibatches=[4, 8], tau_negs=[0.95, 1.0, 1.05], taus=[1, 2, 5, 10],
                       tau_seeds=[0, 1, 2], dense_labels=["sapo", "grpo"])
     raise ValueError(f"grid={name!r}: choose one of smoke, default, full")
 
@@ -258,8 +258,13 @@ def run_study(grid: StudyGrid, out_dir: str | Path, *, jobs: int = 1, log=print)
         log(f"[compare] {i + 1}/{len(todo)} {spec.name}: exit {rc} in {time.time() - t0:.0f} s")
         return spec, rc
 
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+    pool = ThreadPoolExecutor(max_workers=max(1, jobs))
+    try:
         results += list(pool.map(one, enumerate(todo)))
+    except KeyboardInterrupt:  # the running `sapo train`s got the SIGINT too and checkpoint; start no more
+        pool.shutdown(wait=True, cancel_futures=True)
+        raise
+    pool.shutdown()
     return results
 
 

@@ -147,3 +147,14 @@ def test_smoke_grid_end_to_end_and_resume(tmp_path, monkeypatch):
     # a second call finds every run finished and starts nothing
     again = run_study(grid, out, log=lambda *_: None)
     assert [rc for _, rc in again] == [None, None]
+    # raising max_steps makes a finished run unfinished: it resumes from its checkpoint, not from scratch
+    from sapo.compare import StudyGrid
+    from sapo.tracking import read_metrics
+
+    longer = StudyGrid("smoke", {**grid.base, "max_steps": "3"}, [grid.runs[0]])
+    (result,) = run_study(longer, out, log=lambda *_: None)
+    run_dir = out / "runs" / grid.runs[0].name
+    commands = [line for line in (run_dir / "study.log").read_text().splitlines() if " -m sapo train " in line]
+    assert result[1] == 0 and len(commands) == 2
+    assert "resume=" not in commands[0] and f"resume={run_dir} max_steps=3" in commands[1]
+    assert sorted({int(r["step"]) for r in read_metrics(run_dir)}) == [0, 1, 2, 3]
