@@ -381,9 +381,9 @@ def frontier_rows(groups: dict[tuple, list[RunResult]]) -> list[dict]:
             if mean_best and (best is None or mean_best[0] > best[1]):
                 best = (lr, mean_best[0])
         out.append({"label": label, "model": model.split(":")[-1], "minibatches": mb,
-                    "lrs": " ".join(f"{lr:g}" for lr, _ in sorted(entries, key=lambda e: e[0])),
+                    "lrs": " ".join(f"{lr:.0e}" for lr, _ in sorted(entries, key=lambda e: e[0])),
                     "max_stable_lr": max((lr for lr, _ in stable), default=None),
-                    "collapsed_lrs": " ".join(f"{lr:g}" for lr in unstable),
+                    "collapsed_lrs": " ".join(f"{lr:.0e}" for lr in unstable),
                     "best_pass1": best[1] if best else None, "best_pass1_lr": best[0] if best else None})
     return out
 

@@ -116,7 +116,7 @@ def test_frontier_is_the_largest_lr_where_every_seed_is_stable():
               (*key, 1e-4, 1.0, 1.05): [result(1e-4, 0, 0.30), result(1e-4, 1, 0.26)],
               (*key, 3e-4, 1.0, 1.05): [result(3e-4, 0, 0.35), result(3e-4, 1, 0.1, collapsed=True)]}
     (row,) = frontier_rows(groups)
-    assert row["max_stable_lr"] == 1e-4 and row["collapsed_lrs"] == "0.0003"
+    assert row["max_stable_lr"] == 1e-4 and row["collapsed_lrs"] == "3e-04" and row["lrs"] == "3e-05 1e-04 3e-04"
     assert row["best_pass1"] == pytest.approx(0.28) and row["best_pass1_lr"] == 1e-4
 
 
