@@ -540,15 +540,18 @@ def write_plots(groups: dict[tuple, list[RunResult]], plots: Path) -> list[Path]
             for label in dict.fromkeys(k[1] for k in frontier if k[3] == mb):
                 points = sorted((k[4], v) for k, v in frontier.items() if k[1] == label and k[3] == mb)
                 lrs = [lr for lr, _ in points]
-                best = [_spread([b for r in rs if (b := r.pass1("best")) is not None]) for _, rs in points]
-                ys = [b[0] if b else math.nan for b in best]
+                final = [_spread([b for r in rs if (b := r.pass1("final")) is not None]) for _, rs in points]
+                ys = [b[0] if b else math.nan for b in final]
                 line, = ax.plot(lrs, ys, marker="o", label=label)
                 bad = [(lr, y) for (lr, rs), y in zip(points, ys) if any(r.collapse.collapsed for r in rs)]
                 if bad:
                     ax.scatter(*zip(*bad), marker="x", s=80, color=line.get_color())
+            starts = [v for k, rs in frontier.items() if k[3] == mb for r in rs if (v := r.pass1("start")) is not None]
+            if starts:
+                ax.axhline(sum(starts) / len(starts), color="gray", ls=":", label="step 0")
             ax.set_xscale("log")
             ax.set_xlabel("learning rate")
-            ax.set_ylabel("best held-out Pass@1 (seed mean)")
+            ax.set_ylabel("final held-out Pass@1 (seed mean)")
             ax.set_title(f"stability frontier, {mb} mini-batches (x: a seed collapsed)", fontsize=9)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
