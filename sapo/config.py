@@ -60,11 +60,11 @@ class TrainConfig:
         ("none", "R2"), group="model",
     )
     warmstart_steps: int = _opt(
-        300, "supervised warm-start steps for builtin:* models (the starting policy; cached per value)",
+        500, "supervised warm-start steps for builtin:* models (the starting policy; cached per value)",
         group="model",
     )
     warmstart_label_smoothing: float = _opt(
-        0.0, "label smoothing of the built-in warm start's cross-entropy", group="model",
+        0.05, "label smoothing of the built-in warm start's cross-entropy", group="model",
     )
     fused_loss_head: bool = _opt(
         True, "token-level objectives: compute the lm_head gradient inside the chunked forward "
@@ -137,10 +137,10 @@ class TrainConfig:
     reward_timeout: float = _opt(10.0, "seconds per reward call before it counts as 0", group="rewards")
 
     # ---- optimisation ---------------------------------------------------------------------
-    max_steps: int = _opt(120, "RL steps (one rollout batch each)", group="optim")
+    max_steps: int = _opt(150, "RL steps (one rollout batch each)", group="optim")
     num_minibatches: int = _opt(4, "optimizer updates per rollout batch (the off-policy degree)", group="optim")
     micro_batch_size: int = _opt(0, "rows per forward/backward (0 = a whole mini-batch)", group="optim")
-    lr: float = _opt(1e-4, "peak learning rate (AdamW)", group="optim")
+    lr: float = _opt(5e-5, "peak learning rate (AdamW)", group="optim")
     lr_schedule: str = _opt("constant", "after warmup", ("constant", "cosine", "linear"), group="optim")
     warmup_steps: int = _opt(0, "linear warmup, in optimizer updates", group="optim")
     weight_decay: float = _opt(0.0, "AdamW weight decay", group="optim")
@@ -152,7 +152,7 @@ class TrainConfig:
     )
 
     # ---- evaluation -----------------------------------------------------------------------
-    eval_steps: int = _opt(20, "evaluate every N steps (and at step 0 and at the end; 0 = never)", group="eval")
+    eval_steps: int = _opt(25, "evaluate every N steps (and at step 0 and at the end; 0 = never)", group="eval")
     eval_num_problems: int = _opt(200, "held-out problems per evaluation", group="eval")
     eval_num_samples: int = _opt(8, "samples per problem for Pass@1 (avg@n) and pass@k", group="eval")
     eval_pass_k: list[int] = _opt([1, 8], "k values for unbiased pass@k", group="eval")
@@ -162,7 +162,7 @@ class TrainConfig:
     # ---- run ------------------------------------------------------------------------------
     output_dir: str = _opt("runs/sapo-default", "where config, metrics, samples, checkpoints and the report go")
     seed: int = _opt(0, "seed for data order, sampling and initialisation")
-    save_steps: int = _opt(40, "checkpoint every N steps (and at the end; 0 = only at the end)")
+    save_steps: int = _opt(50, "checkpoint every N steps (and at the end; 0 = only at the end)")
     keep_checkpoints: int = _opt(2, "how many recent checkpoints to keep")
     resume: str = _opt("", "output_dir of a run to continue from its last complete checkpoint")
     threads: int = _opt(0, "torch.set_num_threads (0 = torch's default)")
