@@ -246,7 +246,8 @@ def clip_grad_norm(params: list[torch.nn.Parameter], max_norm: float) -> float:
 # ---------------------------------------------------------------------------------------------
 # Metrics and checkpoints
 
-SUM_PREFIXES = ("loss/",)  # each rank's loss is its share of the global sum
+# summed over ranks: each rank's loss is its share of the global sum; counters and throughput add up
+SUM_PREFIXES = ("loss/", "reward/errors/", "reward/timeouts/", "math/", "tokens/")
 
 
 def reduce_metrics(metrics: dict[str, float]) -> dict[str, float]:
@@ -322,6 +323,37 @@ def load_full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer, we
         "param_groups": [{**g, "params": [names[i] for i in g["params"]]} for g in optim["param_groups"]],
     }
     set_optimizer_state_dict(model, optimizer, by_name, options=options)
+
+
+def any_true(flag: bool) -> bool:
+    """True when flag is True on some rank (e.g. one rank got Ctrl-C: all stop at the same step)."""
+    return not all_true(not flag)
+
+
+@contextlib.contextmanager
+def main_first(info: DistInfo):
+    """Rank 0 runs the body first (e.g. builds the warm-start cache), the others after it."""
+    if info.enabled and not info.is_main:
+        dist.barrier()
+    yield
+    if info.enabled and info.is_main:
+        dist.barrier()
+
+
+def save_final_model(policy, path, info: DistInfo) -> None:
+    """The trained model as a Hugging Face folder, written by rank 0 (collective under FSDP)."""
+    if not _fsdp_modules(policy.model):
+        if info.is_main:
+            policy.save_final(path)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(policy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if info.is_main:
+        policy.model.save_pretrained(path, state_dict=full)
+        policy.tokenizer.save_pretrained(path)
+        if policy.processor is not None:
+            policy.processor.save_pretrained(path)
 
 
 def barrier() -> None:

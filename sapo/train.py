@@ -19,10 +19,11 @@ import numpy as np
 import torch
 
 from sapo import checkpoint as ckpt
+from sapo import distributed
 from sapo.config import ConfigError, TrainConfig, build_config, save_config
 from sapo.evaluate import evaluate
 from sapo.rollout import make_engine
-from sapo.tracking import RunLogger
+from sapo.tracking import NullLogger, RunLogger
 from sapo.training.batch import group_advantages, merge_metrics, pack_rollout, select_rows
 from sapo.training.policy import PolicyHandle, load_policy
 from sapo.training.tasks import TaskData, load_task
@@ -111,7 +112,19 @@ class _StopFlag:
 
 
 RESUMABLE_OVERRIDES = {"max_steps", "threads", "progress", "eval_steps", "save_steps", "keep_checkpoints", "resume",
-                       "tensorboard", "report"}
+                       "tensorboard", "report", "parallel"}
+
+
+def _check_data_parallel(cfg: TrainConfig, info: distributed.DistInfo) -> None:
+    try:
+        distributed.check_divisible(cfg.prompts_per_step, cfg.num_generations, cfg.num_minibatches, info.world_size)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+    if cfg.drop_equal_groups:
+        raise ConfigError("drop_equal_groups=true is not supported with several processes (ranks would hold "
+                          "different row counts); their advantages are 0 anyway: use drop_equal_groups=false")
+    if cfg.lora_rank and info.parallel == "fsdp":
+        raise ConfigError("lora_rank > 0 with several processes needs parallel=ddp (FSDP here shards full weights)")
 
 
 def resolve_resume(cfg: TrainConfig, overrides: dict) -> tuple[TrainConfig, Path | None]:
@@ -159,15 +172,23 @@ def train(cfg: TrainConfig, overrides: dict | None = None) -> dict:
             "or choose another output_dir (nothing was overwritten)"
         )
     out_dir.mkdir(parents=True, exist_ok=True)
+    info = distributed.init_distributed(cfg.parallel)  # torchrun: one rank per process (sapo/distributed.py)
+    if info.enabled:
+        _check_data_parallel(cfg, info)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     _seed_everything(cfg.seed)
 
     # -- model, reference, data ---------------------------------------------------------------
-    policy: PolicyHandle = load_policy(cfg)
+    with distributed.main_first(info):  # rank 0 builds a built-in model's cache, the others read it
+        policy: PolicyHandle = load_policy(cfg)
     task: TaskData = load_task(cfg, policy.tokenizer, policy.processor)
     model = policy.model
-    save_config(cfg, out_dir / "config.yaml")
+    if info.is_main:
+        save_config(cfg, out_dir / "config.yaml")
+    # the KL reference is the starting policy: copy it before sharding or a checkpoint changes the weights
+    reference = policy.reference() if cfg.beta > 0 else None
+    distributed.prepare_model(model, info)  # FSDP2 / replicated; before the optimizer sees the parameters
 
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
@@ -181,23 +202,23 @@ def train(cfg: TrainConfig, overrides: dict | None = None) -> dict:
     start_step, nonfinite_total, nonfinite_run, best_eval = 0, 0, 0, None
     # reward counters count per process; a run logs them from its own start, across resumes
     counter_base, counter_offset = _counters(task.rewards.metrics()), {}
-    # the KL reference is the starting policy: copy it before a checkpoint overwrites the weights
-    reference = policy.reference() if cfg.beta > 0 else None
 
     if checkpoint_path is not None:
-        state = ckpt.load_checkpoint(checkpoint_path, model=model, optimizer=optimizer, scheduler=scheduler,
-                                     generators={"rollout": rollout_gen})
+        state = ckpt.load_checkpoint(
+            checkpoint_path, model=model, optimizer=optimizer, scheduler=scheduler, generators={"rollout": rollout_gen},
+            load_full_state=(lambda w, o: distributed.load_full_state(model, optimizer, w, o)) if info.enabled else None,
+        )
         start_step = state["step"]
         sampler = PromptSampler(len(task.train), cfg.seed, **state["data"])
         nonfinite_total = state.get("nonfinite_total", 0)
         nonfinite_run = state.get("nonfinite_run", 0)
-        counter_offset = state.get("reward_counters", {})
+        counter_offset = state.get("reward_counters", {}) if info.is_main else {}  # saved summed over ranks
         best_eval = state.get("best_eval")
         print(f"[sapo] resuming {out_dir} from step {start_step}", flush=True)
 
     # rows after the checkpoint are dropped; with no checkpoint the run starts over with fresh files
     logger = RunLogger(out_dir, tensorboard=cfg.tensorboard,
-                       resume_step=start_step if checkpoint_path is not None else None)
+                       resume_step=start_step if checkpoint_path is not None else None) if info.is_main else NullLogger()
     engine = make_engine(cfg.engine, model)
     loss_options = policy.loss_options(cfg)
     eval_temperature = cfg.temperature if cfg.eval_temperature < 0 else cfg.eval_temperature
@@ -205,6 +226,10 @@ def train(cfg: TrainConfig, overrides: dict | None = None) -> dict:
     def run_eval(step: int) -> dict[str, float]:
         if not task.eval:
             return {}
+        with distributed.gathered(model):  # rank 0 evaluates on the full weights; the others wait
+            return _eval(step) if info.is_main else {}
+
+    def _eval(step: int) -> dict[str, float]:
         t0 = time.perf_counter()
         result = evaluate(
             engine, [e.prompt_ids for e in task.eval], [e.prompt_text for e in task.eval],
@@ -220,7 +245,7 @@ def train(cfg: TrainConfig, overrides: dict | None = None) -> dict:
 
     step_metrics: dict[str, float] = {}
     progress = None
-    if cfg.progress:
+    if cfg.progress and info.is_main:
         from tqdm.auto import tqdm
 
         progress = tqdm(total=cfg.max_steps, initial=start_step, desc="sapo train", dynamic_ncols=True)
@@ -238,19 +263,23 @@ def train(cfg: TrainConfig, overrides: dict | None = None) -> dict:
             t_step = time.perf_counter()
             model.train()
             # 1. sample prompts, roll out G completions each from the current policy
-            idx = sampler.next(cfg.prompts_per_step)
+            # (several processes: every rank draws the step's prompts and keeps its own slice of whole groups)
+            idx = distributed.rank_slice(sampler.next(cfg.prompts_per_step), info)
             examples = [task.train[i] for i in idx]
             prompt_ids = [e.prompt_ids for e in examples for _ in range(cfg.num_generations)]
             # per-row visual inputs (VL); text-only rows of a mixed batch have {}
             row_extra = [e.extra or {} for e in examples for _ in range(cfg.num_generations)]
             row_extra = row_extra if any(row_extra) else []
             t0 = time.perf_counter()
-            batch = engine.generate(
-                prompt_ids, max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
-                top_p=cfg.top_p, top_k=cfg.top_k, eos_token_ids=policy.eos_token_ids,
-                pad_token_id=policy.pad_token_id, generator=rollout_gen,
-                extra_inputs=row_extra or None,
-            )
+            if info.enabled:  # each rank samples its own completions; a resume draws the same ones
+                rollout_gen.manual_seed(distributed.rollout_seed(cfg.seed, step, info))
+            with distributed.gathered(model):  # FSDP: full layers, so ranks decode different lengths freely
+                batch = engine.generate(
+                    prompt_ids, max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
+                    top_p=cfg.top_p, top_k=cfg.top_k, eos_token_ids=policy.eos_token_ids,
+                    pad_token_id=policy.pad_token_id, generator=rollout_gen,
+                    extra_inputs=row_extra or None,
+                )
             t_rollout = time.perf_counter() - t0
             # 2. rewards (the same code as evaluation), 3. group-normalised advantages
             texts = [policy.decode(c) for c in batch.completion_ids]
@@ -259,7 +288,7 @@ def train(cfg: TrainConfig, overrides: dict | None = None) -> dict:
             t0 = time.perf_counter()
             reward_out = task.rewards(prompts_text, texts, answers)
             t_reward = time.perf_counter() - t0
-            rewards = torch.tensor(reward_out.total, dtype=torch.float32).view(cfg.prompts_per_step, cfg.num_generations)
+            rewards = torch.tensor(reward_out.total, dtype=torch.float32).view(len(examples), cfg.num_generations)
             advantages = group_advantages(rewards, cfg.scale_rewards)  # [P, G]
             equal = (rewards.max(dim=1).values == rewards.min(dim=1).values)  # [P]
             keep_rows = torch.arange(rewards.numel())
@@ -290,8 +319,7 @@ def train(cfg: TrainConfig, overrides: dict | None = None) -> dict:
                 metrics.update(old.metrics)
                 # 5. num_minibatches sequential updates over the rollout batch
                 t0 = time.perf_counter()
-                order = torch.randperm(tensors.num_rows, generator=rollout_gen)
-                for mb_rows in torch.tensor_split(order, cfg.num_minibatches):
+                for mb_rows in _minibatches(cfg, step, info, keep_rows, rewards.numel()):
                     if len(mb_rows) == 0:
                         continue
                     m = policy.update(
@@ -322,6 +350,7 @@ def train(cfg: TrainConfig, overrides: dict | None = None) -> dict:
                 "time/update": t_update, "time/step": time.perf_counter() - t_step,
                 "tokens/completion_per_s": sum(len(c) for c in batch.completion_ids) / max(t_rollout, 1e-9),
             })
+            metrics = distributed.reduce_metrics(metrics)  # one row for all ranks
             # 6. evaluation, logging, checkpoints
             last = step == cfg.max_steps
             if cfg.eval_steps and (step % cfg.eval_steps == 0 or last):
@@ -337,26 +366,31 @@ def train(cfg: TrainConfig, overrides: dict | None = None) -> dict:
                 ][: cfg.log_samples])
             step_metrics = {"step": step, **metrics}
             _show(progress, step_metrics)
-            if last or stop.requested or (cfg.save_steps and step % cfg.save_steps == 0):
-                ckpt.save_checkpoint(
-                    out_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
-                    trainer_state={"data": sampler.state(), "nonfinite_total": nonfinite_total,
-                                   "nonfinite_run": nonfinite_run,  # counters now: after this step's eval too
-                                   "reward_counters": _run_counters(task.rewards.metrics(), counter_base,
-                                                                    counter_offset),
-                                   "best_eval": best_eval, "max_steps": cfg.max_steps},
-                    generators={"rollout": rollout_gen}, keep=cfg.keep_checkpoints,
-                )
+            stopping = distributed.any_true(stop.requested)  # every rank stops at the same step
+            if last or stopping or (cfg.save_steps and step % cfg.save_steps == 0):
+                # several processes: gather the full (unsharded) state, rank 0 writes it
+                full_state = distributed.full_state(model, optimizer) if info.enabled else None
+                counters = distributed.reduce_metrics(
+                    _run_counters(task.rewards.metrics(), counter_base, counter_offset))  # counters now: after eval too
+                if info.is_main:
+                    ckpt.save_checkpoint(
+                        out_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
+                        trainer_state={"data": sampler.state(), "nonfinite_total": nonfinite_total,
+                                       "nonfinite_run": nonfinite_run, "reward_counters": counters,
+                                       "best_eval": best_eval, "max_steps": cfg.max_steps,
+                                       "world_size": info.world_size},
+                        generators={"rollout": rollout_gen}, keep=cfg.keep_checkpoints, full_state=full_state,
+                    )
                 logger.flush()
-            if stop.requested:
+            if stopping:
                 print(f"[sapo] stopped at step {step}; resume with: sapo train resume={out_dir}", flush=True)
                 break
     if progress is not None:
         progress.close()
     logger.close()
     if step >= cfg.max_steps:
-        policy.save_final(out_dir / "final_model")
-        if cfg.report:
+        distributed.save_final_model(policy, out_dir / "final_model", info)
+        if cfg.report and info.is_main:
             from sapo.report import write_report
 
             write_report(out_dir)
@@ -364,6 +398,21 @@ def train(cfg: TrainConfig, overrides: dict | None = None) -> dict:
 
 
 COUNTER_PREFIXES = ("reward/errors/", "reward/timeouts/", "math/")  # cumulative counts since process start
+
+
+def _minibatches(cfg: TrainConfig, step: int, info, keep_rows: torch.Tensor, num_rows: int) -> list[torch.Tensor]:
+    """Row indices (into the kept rows) of each of the step's num_minibatches updates.
+
+    The split is seeded from (seed, step) and spreads every group over the mini-batches
+    (distributed.minibatch_rows), so it is the same whatever the number of processes.
+    """
+    split = distributed.minibatch_rows(cfg.seed, step, cfg.prompts_per_step, cfg.num_generations,
+                                       cfg.num_minibatches, info)
+    if len(keep_rows) == num_rows:
+        return split
+    position = torch.full((num_rows,), -1, dtype=torch.long)  # row -> index among the kept rows
+    position[keep_rows] = torch.arange(len(keep_rows))
+    return [position[rows][position[rows] >= 0] for rows in split]
 
 
 def _counters(metrics: dict[str, float]) -> dict[str, float]:
