@@ -141,7 +141,7 @@ def run_eval(cfg) -> dict[str, float]:
     table, all_metrics = [], {}
     for spec in specs:
         sub = type(cfg)(**{**cfg.__dict__, "eval_dataset": spec, "dataset": spec})
-        task = load_task(sub, policy.tokenizer, eval_only=True)
+        task = load_task(sub, policy.tokenizer, policy.processor, eval_only=True)
         name = spec.split(":", 1)[0] if ":" in spec else spec
         result = evaluate(
             engine, [e.prompt_ids for e in task.eval], [e.prompt_text for e in task.eval],
@@ -150,6 +150,7 @@ def run_eval(cfg) -> dict[str, float]:
             eos_token_ids=policy.eos_token_ids, pad_token_id=policy.pad_token_id,
             ks=[int(k) for k in cfg.eval_pass_k], greedy=cfg.eval_greedy,
             generator=torch.Generator().manual_seed(cfg.seed), prefix=f"eval/{name}",
+            extra_inputs=[e.extra or {} for e in task.eval] if any(e.extra for e in task.eval) else None,
         )
         all_metrics.update(result.metrics)
         table.append((name, result.metrics))

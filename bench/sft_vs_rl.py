@@ -1,0 +1,94 @@
+"""RL against more supervised training for the same wall time, from the same warm start.
+
+The built-in default's claim ("RL raises held-out Pass@1 by N points") only means something next to
+what the warm start's own recipe would have reached with the same time. This script:
+  1. reads an RL run's output_dir (config.yaml, metrics.jsonl): its warm start, its eval settings and
+     its training wall time (the sum of time/step, plus eval time excluded on both sides);
+  2. continues supervised training of the same warm-started model with the same recipe (same lr,
+     batch, label smoothing; constant lr, fresh optimizer as RL has) for that wall time;
+  3. evaluates it with the RL run's evaluation (same problems, samples, temperature, seed);
+  4. prints both gains.
+
+    python bench/sft_vs_rl.py runs/sapo-default [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from sapo.config import build_config
+from sapo.evaluate import evaluate
+from sapo.rollout import make_engine
+from sapo.tracking import read_metrics
+from sapo.training.policy import load_policy
+from sapo.training.tasks import load_task
+from sapo.training.warmstart import WarmStartRecipe, supervised_train
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", help="output_dir of a finished `sapo train` run on a builtin:* model")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seconds", type=float, default=0.0, help="override the SFT time budget")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    run = Path(args.run_dir)
+    cfg = build_config(run / "config.yaml", {"output_dir": str(run), "resume": ""})
+    if not cfg.model.startswith("builtin:"):
+        raise SystemExit("this comparison needs a builtin:* model (its warm-start recipe is known)")
+    rows = read_metrics(run)
+    rl_seconds = sum(r.get("time/step", 0.0) for r in rows)
+    evals = [r for r in rows if "eval/pass@1" in r]
+    budget = args.seconds or rl_seconds
+
+    policy = load_policy(cfg)  # the warm-started model, from the cache
+    task = load_task(cfg, policy.tokenizer)
+    from sapo.data import builtin_dataset, reference_completion
+
+    recipe = WarmStartRecipe(steps=cfg.warmstart_steps, label_smoothing=cfg.warmstart_label_smoothing)
+    examples = builtin_dataset("train", recipe.train_size, seed=recipe.seed)
+    tok = policy.tokenizer
+    prompt_ids = [tok.encode(e.prompt, add_special_tokens=False) for e in examples]
+    target_ids = [tok.encode(reference_completion(e), add_special_tokens=False) + [tok.eos_token_id]
+                  for e in examples]
+    t0 = time.perf_counter()
+    stats = supervised_train(
+        policy.model, prompt_ids, target_ids, policy.pad_token_id, steps=10**9, batch_size=recipe.batch_size,
+        lr=recipe.lr, seed=recipe.seed + 1, time_budget_s=budget, label_smoothing=recipe.label_smoothing,
+    )
+    sft_seconds = time.perf_counter() - t0
+
+    engine = make_engine(cfg.engine, policy.model)
+    temperature = cfg.temperature if cfg.eval_temperature < 0 else cfg.eval_temperature
+    result = evaluate(
+        engine, [e.prompt_ids for e in task.eval], [e.prompt_text for e in task.eval],
+        [e.answer for e in task.eval], task.correctness, policy.decode, num_samples=cfg.eval_num_samples,
+        temperature=temperature, max_new_tokens=cfg.max_completion_length, eos_token_ids=policy.eos_token_ids,
+        pad_token_id=policy.pad_token_id, ks=[int(k) for k in cfg.eval_pass_k], greedy=cfg.eval_greedy,
+        generator=torch.Generator().manual_seed(cfg.seed * 7919 + cfg.max_steps),
+    )
+    start, end = evals[0], evals[-1]
+    keys = [k for k in ("eval/pass@1", "eval/greedy", "eval/pass@8") if k in start]
+    print(f"RL run: {run} ({len([r for r in rows if 'reward/mean' in r])} steps, {rl_seconds:.0f} s of steps)")
+    print(f"SFT continued: {stats['steps']} steps in {sft_seconds:.0f} s (budget {budget:.0f} s), "
+          f"final loss {stats['final_loss']:.4f}")
+    print()
+    print("| metric | warm start | RL (end) | SFT, same time | RL gain | SFT gain |")
+    print("|---|---:|---:|---:|---:|---:|")
+    out = {}
+    for key in keys:
+        s, r, f = start[key], end[key], result.metrics[key]
+        out[key] = {"warm_start": s, "rl": r, "sft": f}
+        print(f"| {key} | {s:.3f} | {r:.3f} | {f:.3f} | {r - s:+.3f} | {f - s:+.3f} |")
+    (run / "sft_vs_rl.json").write_text(json.dumps({"rl_seconds": rl_seconds, "sft_seconds": sft_seconds,
+                                                    "sft_steps": stats["steps"], **out}, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,20 @@
+"""`sapo eval` end to end on the tiny built-in model: the per-benchmark table and its metrics."""
+
+import json
+
+from sapo.cli import main
+
+
+def test_sapo_eval_prints_a_table(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SAPO_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "tiny.jsonl"
+    data.write_text("".join(json.dumps({"q": f"{a}+{b}=\n", "a": str(a + b)}) + "\n" for a, b in [(1, 2), (3, 4), (5, 5)]))
+    rc = main(["eval", "warmstart_steps=20", "train_size=100", "eval_num_samples=2", "eval_pass_k=[1,2]",
+               "threads=1", "max_completion_length=16", f"eval_dataset=builtin:arith,{data}",
+               "prompt_field=q", "answer_field=a", "template=plain", "eval_num_problems=6"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "| benchmark | problems | Pass@1 (avg@n) | pass@2 | greedy |" in out
+    rows = [line for line in out.splitlines() if line.startswith("| builtin") or line.startswith(f"| {data}")]
+    assert len(rows) == 2
+    assert "| 6 |" in rows[0] and "| 3 |" in rows[1]
