@@ -150,9 +150,11 @@ def test_resume_across_world_sizes(tmp_path, monkeypatch, sapo_cache, start_weig
 def test_torchrun_sapo_train_cli(tmp_path, sapo_cache, start_weights):
     """The real command with the real rollout engine: FSDP2 layers gathered for generation, rank 0 writes."""
     out = tmp_path / "cli"
-    _torchrun(None, {**TINY, "max_steps": "1", "output_dir": str(out)})
+    _torchrun(None, {**TINY, "max_steps": "1", "output_dir": str(out), "eval_steps": "1", "eval_num_problems": "4",
+                     "eval_num_samples": "2", "eval_pass_k": "[1,2]"})
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1] and rows[0]["nonfinite/skipped_total"] == 0
+    assert [r["step"] for r in rows] == [0, 1] and rows[1]["nonfinite/skipped_total"] == 0
+    assert all(r["eval/num_problems"] == 4 for r in rows)  # rank 0 evaluates on the gathered weights
     assert json.loads((out / "checkpoint-000001" / "trainer_state.json").read_text())["world_size"] == 2
     final = _weights(out / "final_model")  # gathered from the shards, a plain HF folder
     assert final.keys() == start_weights.keys()
