@@ -51,6 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if args.command == "train":
+            from sapo.distributed import destroy
             from sapo.train import NonFiniteError, train
 
             try:
@@ -58,6 +59,8 @@ def main(argv: list[str] | None = None) -> int:
             except NonFiniteError as err:
                 print(f"sapo train: stopped: {err}", file=sys.stderr)
                 return 1
+            finally:
+                destroy()  # leave the torchrun process group, if train joined one
         else:
             from sapo.evaluate import run_eval
 
