@@ -11,6 +11,9 @@ def write(path, lines):
 
 
 def test_load_jsonl_fields_meta_and_numbers(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "x.png")  # images are checked when the file is read
     path = write(tmp_path / "d.jsonl", [
         json.dumps({"q": "1+1?", "a": 2, "id": 7}),
         "",
@@ -20,7 +23,8 @@ def test_load_jsonl_fields_meta_and_numbers(tmp_path):
     assert [e.answer for e in examples] == ["2", "27"]
     assert examples[0].meta == {"id": 7, "source": str(path), "line": 1}
     assert examples[1].prompt == [{"role": "user", "content": "hi"}]
-    assert examples[1].images == ["x.png"] and examples[1].meta["line"] == 3
+    # a relative image path is resolved against the dataset file's folder
+    assert examples[1].images == [str(tmp_path / "x.png")] and examples[1].meta["line"] == 3
     assert load_jsonl(path, "q", "a", limit=1) == examples[:1]
 
 
