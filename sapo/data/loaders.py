@@ -103,14 +103,21 @@ def _checked_images(images: list, base_dir: Path) -> list:
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, Any, str | None]]:
     """(line number, parsed row or None, JSON error or None) for each non-blank line."""
-    with path.open(encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    with path.open("rb") as f:  # bytes: one bad line must not hide the others' line numbers
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                yield line_no, None, f"not UTF-8 text (byte {err.start + 1}: {raw[err.start:err.start + 1]!r})"
+                continue
             if not line.strip():
                 continue
             try:
                 yield line_no, json.loads(line), None
             except json.JSONDecodeError as err:
                 yield line_no, None, f"malformed JSON ({err.msg} at column {err.colno})"
+            except RecursionError:
+                yield line_no, None, "malformed JSON (nested too deeply to parse)"
 
 
 def _collect(rows: Iterator[tuple[int, Any, str | None]], where: str, path: Path, prompt_field: str,

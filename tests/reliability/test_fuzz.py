@@ -82,8 +82,6 @@ def test_jsonl_loader_only_raises_data_error(tmp_path_factory, lines, on_error):
         assert ex.meta["line"] >= 1
 
 
-@pytest.mark.xfail(strict=True, reason="sapo/data/loaders.py: invalid UTF-8 raises UnicodeDecodeError "
-                   "(no line number, not skippable) instead of DataError")
 def test_jsonl_loader_invalid_utf8_is_a_data_error(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_bytes(b'{"q": "1+1=", "a": 2}\n\xff\xfe{}\n')
@@ -91,8 +89,6 @@ def test_jsonl_loader_invalid_utf8_is_a_data_error(tmp_path):
         load_jsonl(path, "q", "a")
 
 
-@pytest.mark.xfail(strict=True, reason="sapo/data/loaders.py: a deeply nested line raises RecursionError "
-                   "from json.loads instead of DataError (malformed row)")
 def test_jsonl_loader_deep_nesting_is_a_data_error(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_text('{"q": "1+1=", "a": 2}\n' + "[" * 100_000 + "\n")
