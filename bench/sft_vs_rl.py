@@ -51,7 +51,7 @@ def main() -> None:
     task = load_task(cfg, policy.tokenizer)
     from sapo.data import builtin_dataset, reference_completion
 
-    recipe = WarmStartRecipe(steps=cfg.warmstart_steps, label_smoothing=cfg.warmstart_label_smoothing)
+    recipe = WarmStartRecipe.from_config(cfg)
     examples = builtin_dataset("train", recipe.train_size, seed=recipe.seed)
     tok = policy.tokenizer
     prompt_ids = [tok.encode(e.prompt, add_special_tokens=False) for e in examples]

@@ -305,7 +305,7 @@ def load_policy(cfg: TrainConfig) -> PolicyHandle:
 
         if spec not in BUILTIN_MODELS:
             raise ConfigError(f"model={spec!r}: unknown built-in model; choose one of {', '.join(BUILTIN_MODELS)}")
-        spec = str(builtin_model_path(spec, WarmStartRecipe(steps=cfg.warmstart_steps, label_smoothing=cfg.warmstart_label_smoothing)))
+        spec = str(builtin_model_path(spec, WarmStartRecipe.from_config(cfg)))
     device = "cuda" if torch.cuda.is_available() else "cpu"
     try:
         model, tokenizer = load_model(spec, dtype=cfg.dtype, device=device)

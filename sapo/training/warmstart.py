@@ -38,6 +38,11 @@ class WarmStartRecipe:
     seed: int = 0
     train_size: int = 20000
 
+    @classmethod
+    def from_config(cls, cfg) -> WarmStartRecipe:
+        """The recipe a TrainConfig asks for (its warmstart_* keys)."""
+        return cls(steps=cfg.warmstart_steps, label_smoothing=cfg.warmstart_label_smoothing)
+
 
 def cache_root() -> Path:
     return Path(os.environ.get("SAPO_CACHE", Path.home() / ".cache" / "sapo"))

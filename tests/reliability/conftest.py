@@ -37,7 +37,10 @@ def sapo_cache(tmp_path_factory) -> Path:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        builtin_model_path("builtin:arith-moe", WarmStartRecipe(steps=WARMSTART_STEPS), verbose=False)
+        from sapo.config import build_config
+
+        recipe = WarmStartRecipe.from_config(build_config(overrides={"warmstart_steps": WARMSTART_STEPS}))
+        builtin_model_path("builtin:arith-moe", recipe, verbose=False)
     finally:
         torch.set_num_threads(threads)
     yield cache

@@ -16,6 +16,14 @@ def _run(tmp_path, name, **overrides):
     return cfg, train(cfg)
 
 
+def _start_weights():
+    """The warm-started model the TINY runs start from (same recipe as their config)."""
+    from sapo.training.warmstart import WarmStartRecipe, builtin_model_path
+
+    recipe = WarmStartRecipe.from_config(build_config(overrides=TINY))
+    return _weights(builtin_model_path("builtin:arith-moe", recipe, verbose=False))
+
+
 def _weights(folder):
     model, _ = load_model(str(folder))
     return {k: v.clone() for k, v in model.state_dict().items()}
@@ -23,9 +31,7 @@ def _weights(folder):
 
 @pytest.mark.parametrize("loss_type", ["sapo", "grpo", "dapo", "dr_grpo", "gspo", "gspo_token", "cispo", "grpo_r2"])
 def test_each_objective_runs_and_changes_weights(tmp_path, sapo_cache, loss_type):
-    from sapo.training.warmstart import WarmStartRecipe, builtin_model_path
-
-    start = _weights(builtin_model_path("builtin:arith-moe", WarmStartRecipe(steps=40), verbose=False))
+    start = _start_weights()
     cfg, last = _run(tmp_path, loss_type, loss_type=loss_type, max_steps="2", lr="1e-3")
     end = _weights(tmp_path / loss_type / "final_model")
     changed = sum(not torch.equal(start[k], end[k]) for k in start)
@@ -82,3 +88,26 @@ def test_fused_loss_head_gives_the_same_training(tmp_path, sapo_cache, loss_type
     rows_f = [json.loads(x) for x in (tmp_path / "fused" / "metrics.jsonl").read_text().splitlines()]
     rows_p = [json.loads(x) for x in (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()]
     assert rows_f[-1]["loss/policy"] == pytest.approx(rows_p[-1]["loss/policy"], rel=1e-4, abs=1e-6)
+
+
+def test_lora_run_with_kl_saves_a_merged_model(tmp_path, sapo_cache):
+    """LoRA on attention + fused experts, KL to the adapter-disabled base, a merged final folder."""
+    start = _start_weights()
+    _run(tmp_path, "lora", max_steps="2", lr="1e-2", lora_rank="4", beta="0.1",
+         lora_target_parameters="[mlp.experts.gate_up_proj]")
+    end = _weights(tmp_path / "lora" / "final_model")
+    assert set(end) == set(start), "the final folder must be a plain (merged) model"
+    changed = [k for k in start if not torch.equal(start[k], end[k])]
+    assert any("q_proj" in k for k in changed) and any("experts.gate_up_proj" in k for k in changed)
+    assert not any("embed_tokens" in k or "norm" in k for k in changed), "only LoRA targets may change"
+    rows = [json.loads(x) for x in (tmp_path / "lora" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["kl/mean"] >= 0 and rows[0]["nonfinite/skipped_total"] == 0
+
+
+def test_gradient_checkpointing_with_routing_replay_matches(tmp_path, sapo_cache):
+    """Activation checkpointing re-runs the forward in backward; with R2 replay the update is unchanged."""
+    _run(tmp_path, "ckpt", loss_type="grpo_r2", max_steps="1", lr="1e-3", gradient_checkpointing="true")
+    _run(tmp_path, "plain", loss_type="grpo_r2", max_steps="1", lr="1e-3", gradient_checkpointing="false")
+    a, b = _weights(tmp_path / "ckpt" / "final_model"), _weights(tmp_path / "plain" / "final_model")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
