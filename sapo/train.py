@@ -86,17 +86,21 @@ def _make_scheduler(optimizer, cfg: TrainConfig, total_updates: int):
 
 
 class _StopFlag:
-    """First Ctrl-C: finish the current step, checkpoint, exit. Second: stop at once."""
+    """First Ctrl-C (or SIGTERM, as schedulers send before a pre-emption): finish the current step,
+    checkpoint, exit. A second one: stop at once."""
+
+    SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
     def __init__(self):
         self.requested = False
-        self._previous = None
+        self._previous: dict = {}
 
     def __enter__(self):
-        try:
-            self._previous = signal.signal(signal.SIGINT, self._handler)
-        except ValueError:  # not the main thread
-            self._previous = None
+        for sig in self.SIGNALS:
+            try:
+                self._previous[sig] = signal.signal(sig, self._handler)
+            except ValueError:  # not the main thread: leave signals alone
+                break
         return self
 
     def _handler(self, signum, frame):
@@ -106,8 +110,8 @@ class _StopFlag:
         print("\n[sapo] interrupt: finishing this step, then saving a checkpoint (Ctrl-C again to abort)", flush=True)
 
     def __exit__(self, *exc):
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+        for sig, previous in self._previous.items():
+            signal.signal(sig, previous)
         return False
 
 

@@ -128,3 +128,21 @@ def test_resume_refuses_changed_keys_and_missing_runs(reference_run, tmp_path, c
     assert "cannot change on resume: lr" in capsys.readouterr().err
     assert main(["train", f"resume={tmp_path}"]) == 2
     assert "no config.yaml there" in capsys.readouterr().err
+
+
+def test_sigterm_checkpoints_at_the_end_of_the_step_and_exits_0(sapo_cache, tmp_path):
+    """Schedulers send SIGTERM before they pre-empt a job: it is handled like Ctrl-C."""
+    out = tmp_path / "run"
+    env = sapo_env(sapo_cache, SAPO_TEST_REWARD_SLEEP="2")
+    proc = subprocess.Popen(sapo_cmd("train", *RUN, f"output_dir={out}"), cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 180
+    while proc.poll() is None and time.monotonic() < deadline and not _steps(out):
+        time.sleep(0.02)
+    time.sleep(0.3)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=180)
+    assert proc.returncode == 0, stderr[-3000:]
+    assert "interrupt: finishing this step" in stdout
+    stopped = _steps(out)[-1]
+    assert stopped < MAX_STEPS and [r["step"] for r in metric_rows(out)] == list(range(stopped + 1))
