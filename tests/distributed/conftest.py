@@ -18,7 +18,10 @@ def sapo_cache(tmp_path_factory):
     root = tmp_path_factory.mktemp("sapo-cache-dist")
     old = os.environ.get("SAPO_CACHE")
     os.environ["SAPO_CACHE"] = str(root)
-    builtin_model_path("builtin:arith-moe", WarmStartRecipe(steps=int(TINY["warmstart_steps"])), verbose=False)
+    from sapo.config import build_config
+
+    recipe = WarmStartRecipe.from_config(build_config(overrides={"warmstart_steps": TINY["warmstart_steps"]}))
+    builtin_model_path("builtin:arith-moe", recipe, verbose=False)
     yield root
     if old is None:
         os.environ.pop("SAPO_CACHE", None)

@@ -101,10 +101,11 @@ def _assert_same_weights(a: Path, b: Path, start: dict, rel: float = 1e-2):
 
 @pytest.fixture(scope="module")
 def start_weights(sapo_cache):
+    from sapo.config import build_config
     from sapo.training.warmstart import WarmStartRecipe, builtin_model_path
 
-    return _weights(builtin_model_path("builtin:arith-moe", WarmStartRecipe(steps=int(TINY["warmstart_steps"])),
-                                       verbose=False))
+    recipe = WarmStartRecipe.from_config(build_config(overrides={"warmstart_steps": TINY["warmstart_steps"]}))
+    return _weights(builtin_model_path("builtin:arith-moe", recipe, verbose=False))
 
 
 @pytest.mark.parametrize("loss_type,parallel", [("sapo", "fsdp"), ("dapo", "ddp")])
