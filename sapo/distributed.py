@@ -260,20 +260,9 @@ def reduce_metrics(metrics: dict[str, float]) -> dict[str, float]:
         return metrics
     rows: list[dict] = [{} for _ in range(world_size())]
     dist.all_gather_object(rows, metrics)
-    out: dict[str, float] = {}
-    for key in sorted({k for r in rows for k in r}):
-        vals = [r[key] for r in rows if key in r and isinstance(r[key], int | float) and math.isfinite(r[key])]
-        if not vals:
-            continue
-        if key.endswith("/min"):
-            out[key] = min(vals)
-        elif key.endswith("/max"):
-            out[key] = max(vals)
-        elif key.startswith(SUM_PREFIXES):
-            out[key] = sum(vals)
-        else:
-            out[key] = sum(vals) / len(vals)
-    return out
+    from sapo.training.batch import merge_metrics
+
+    return merge_metrics(rows, sum_prefixes=SUM_PREFIXES)
 
 
 def full_state(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:

@@ -70,19 +70,21 @@ def select_rows(t: RolloutTensors, idx: torch.Tensor) -> RolloutTensors:
     )
 
 
-def merge_metrics(rows: list[dict[str, float]]) -> dict[str, float]:
+def merge_metrics(rows: list[dict[str, float]], *, sum_prefixes: tuple[str, ...] = ()) -> dict[str, float]:
+    """One row from several (micro-batches, updates or ranks): */min and */max exactly, keys under
+    sum_prefixes summed, everything else averaged; non-finite and non-numeric values are left out."""
     out: dict[str, float] = {}
-    keys = {k for r in rows for k in r}
-    for key in keys:
-        vals = [r[key] for r in rows if key in r and r[key] is not None and math.isfinite(r[key])]
+    for key in sorted({k for r in rows for k in r}):
+        vals = [r[key] for r in rows
+                if isinstance(r.get(key), int | float) and not isinstance(r[key], bool) and math.isfinite(r[key])]
         if not vals:
             continue
         if key.endswith("/min"):
             out[key] = min(vals)
         elif key.endswith("/max"):
             out[key] = max(vals)
+        elif sum_prefixes and key.startswith(sum_prefixes):
+            out[key] = sum(vals)
         else:
             out[key] = sum(vals) / len(vals)
     return out
-
-
