@@ -241,7 +241,8 @@ class TrainConfig:
         if self.loss_type == "grpo_r2":
             # GRPO-R2 is GRPO (clip 0.2/0.27) with routing replay: the preset implies the replay.
             self.routing_replay = "R2"
-        if self.dataset.endswith((".jsonl", ".parquet")) and not (self.prompt_field and self.answer_field):
+        named = self.dataset.split(":", 1)[0] in ("gsm8k", "math500", "aime24", "amc23")  # known formats
+        if self.dataset.endswith((".jsonl", ".parquet")) and not named and not (self.prompt_field and self.answer_field):
             raise ConfigError(
                 f"dataset={self.dataset} is a file: set prompt_field=... and answer_field=... "
                 "to the names of its prompt and answer fields"

@@ -57,3 +57,8 @@ def test_help_lists_every_key():
     text = help_text()
     for name in TrainConfig.__dataclass_fields__:
         assert f"  {name} = " in text
+
+
+def test_benchmark_files_need_no_field_mapping():
+    cfg = build_config(overrides={"dataset": "gsm8k:../shared/data/gsm8k/train.jsonl"})
+    assert cfg.prompt_field == ""

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
 import sys
 import threading
 import time
@@ -34,13 +35,23 @@ def verify_latex(gold: str, pred: str) -> bool:
     return bool(verify(gold_parsed, pred_parsed, timeout_seconds=None))
 
 
-def _worker_main(conn: Connection, compare_fn: Callable[[str, str], bool]) -> None:
+def _worker_main(conn: Connection, compare_fn: Callable[[str, str], bool], parent_pid: int) -> None:
+    # A worker must not outlive a trainer killed with SIGKILL (a forked child also holds copies of the
+    # parent's pipe ends, so it would never see EOF), nor keep the trainer's stdout/stderr open for
+    # whoever waits on them: detach from both, and leave as soon as the parent is gone.
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 1)
+    os.dup2(devnull, 2)
     # math-verify warns once that its timeouts are disabled: that is intended here.
     logging.getLogger("math_verify").setLevel(logging.ERROR)
     compare_fn("\\frac{1}{2}", "0.5")  # warm-up: loads sympy and the LaTeX parser before timing starts
     conn.send("ready")
     while True:
         try:
+            if not conn.poll(1.0):
+                if os.getppid() != parent_pid:
+                    return
+                continue
             task = conn.recv()
         except (EOFError, OSError):
             return
@@ -63,7 +74,7 @@ def default_start_method() -> str:
 class _Worker:
     def __init__(self, ctx, compare_fn: Callable[[str, str], bool], startup_timeout_s: float):
         self.conn, child_conn = ctx.Pipe()
-        self.process = ctx.Process(target=_worker_main, args=(child_conn, compare_fn), daemon=True)
+        self.process = ctx.Process(target=_worker_main, args=(child_conn, compare_fn, os.getpid()), daemon=True)
         self.process.start()
         child_conn.close()
         self.startup_timeout_s = startup_timeout_s
