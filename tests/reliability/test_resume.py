@@ -48,17 +48,17 @@ def test_reference_run_changes_the_weights(reference_run):
     assert _steps(reference_run) == [MAX_STEPS - 1, MAX_STEPS]
 
 
-def _ctrl_c_during_step_2(cache: Path, out: Path) -> subprocess.CompletedProcess:
-    """Resume `out`, send SIGINT once checkpoint-1 is written (step 2's slowed reward is then
-    running; in the rare case it lands before step 1's last line, the run stops at step 1)."""
+def _signal_after_first_checkpoint(cache: Path, out: Path, args: list[str], sig=signal.SIGINT):
+    """Run `sapo train ARGS`, send `sig` once a checkpoint of `out` exists (the next step's slowed
+    reward is then running; in the rare case it lands before the step's last line, the run stops there)."""
     env = sapo_env(cache, SAPO_TEST_REWARD_SLEEP="2")
-    proc = subprocess.Popen(sapo_cmd("train", f"resume={out}"), cwd=REPO, env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen(sapo_cmd("train", *args), cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 180
     while proc.poll() is None and time.monotonic() < deadline and not _steps(out):
         time.sleep(0.02)
     time.sleep(0.3)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=180)
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
@@ -71,7 +71,7 @@ def test_interrupted_every_way_then_resumed_is_bit_identical(reference_run, sapo
     assert _steps(out) == [] and (out / "config.yaml").exists()
 
     # 2. resume: warns and starts from step 0; Ctrl-C in step 2 checkpoints step 2 and exits 0
-    proc = _ctrl_c_during_step_2(sapo_cache, out)
+    proc = _signal_after_first_checkpoint(sapo_cache, out, [f"resume={out}"])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "no complete checkpoint found" in proc.stderr and "starting again from step 0" in proc.stderr
     assert "interrupt: finishing this step" in proc.stdout and f"resume with: sapo train resume={out}" in proc.stdout
@@ -133,16 +133,8 @@ def test_resume_refuses_changed_keys_and_missing_runs(reference_run, tmp_path, c
 def test_sigterm_checkpoints_at_the_end_of_the_step_and_exits_0(sapo_cache, tmp_path):
     """Schedulers send SIGTERM before they pre-empt a job: it is handled like Ctrl-C."""
     out = tmp_path / "run"
-    env = sapo_env(sapo_cache, SAPO_TEST_REWARD_SLEEP="2")
-    proc = subprocess.Popen(sapo_cmd("train", *RUN, f"output_dir={out}"), cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 180
-    while proc.poll() is None and time.monotonic() < deadline and not _steps(out):
-        time.sleep(0.02)
-    time.sleep(0.3)
-    proc.send_signal(signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=180)
-    assert proc.returncode == 0, stderr[-3000:]
-    assert "interrupt: finishing this step" in stdout
+    proc = _signal_after_first_checkpoint(sapo_cache, out, [*RUN, f"output_dir={out}"], signal.SIGTERM)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "interrupt: finishing this step" in proc.stdout
     stopped = _steps(out)[-1]
     assert stopped < MAX_STEPS and [r["step"] for r in metric_rows(out)] == list(range(stopped + 1))
