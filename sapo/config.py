@@ -55,6 +55,10 @@ class TrainConfig:
         [], "LoRA target parameter names (fused MoE expert tensors, e.g. mlp.experts.gate_up_proj)",
         group="model",
     )
+    freeze_router: bool = _opt(
+        False, "MoE: keep the routers' weights fixed during RL (the experts and the rest still train)",
+        group="model",
+    )
     routing_replay: str = _opt(
         "none", "MoE routing replay: R2 reuses the old policy's experts in updates",
         ("none", "R2"), group="model",

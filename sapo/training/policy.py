@@ -328,6 +328,13 @@ def load_policy(cfg: TrainConfig) -> PolicyHandle:
         model = apply_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=0.0,
                            target_modules=cfg.lora_target_modules,
                            target_parameters=cfg.lora_target_parameters or None)
+    if cfg.freeze_router:
+        routers = moe.moe_layers(model)
+        if not routers:
+            raise ConfigError(f"freeze_router=true needs a Mixture-of-Experts model; {type(model).__name__} has none")
+        for _, router in routers:
+            for p in router.parameters():
+                p.requires_grad_(False)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.config.use_cache = False

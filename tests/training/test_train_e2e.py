@@ -111,3 +111,12 @@ def test_gradient_checkpointing_with_routing_replay_matches(tmp_path, sapo_cache
     a, b = _weights(tmp_path / "ckpt" / "final_model"), _weights(tmp_path / "plain" / "final_model")
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=1e-4, atol=1e-6)
+
+
+def test_freeze_router_keeps_routers_fixed(tmp_path, sapo_cache):
+    start = _start_weights()
+    _run(tmp_path, "frz", max_steps="1", lr="1e-3", freeze_router="true")
+    end = _weights(tmp_path / "frz" / "final_model")
+    routers = [k for k in start if k.endswith("mlp.gate.weight")]
+    assert routers and all(torch.equal(start[k], end[k]) for k in routers)
+    assert any(not torch.equal(start[k], end[k]) for k in start if "experts" in k)
