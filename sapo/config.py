@@ -130,6 +130,12 @@ class TrainConfig:
         False, "drop groups whose rewards are all equal (their advantages are zero anyway)", group="objective"
     )
     mask_truncated: bool = _opt(False, "exclude completions that hit max_completion_length from the loss", group="objective")
+    old_logprobs: str = _opt(
+        "recompute", "old (behaviour) log-probs: recompute them with a forward pass, or take the "
+        "rollout engine's own ('sampler': skips about a fifth of a step; only where the engine ran the "
+        "trainer's model at the trainer's precision; no MoE routing record, so no R2 replay and no "
+        "moe/routing_changed)", ("recompute", "sampler"), group="objective",
+    )
     tis_cap: float = _opt(
         0.0, "truncated importance-sampling correction for sampler/trainer mismatch: weight "
         "min(pi_old/pi_sampler, tis_cap) per token (0 = off)", group="objective",
@@ -242,6 +248,12 @@ class TrainConfig:
             raise ConfigError(f"eval_pass_k values must be in 1..eval_num_samples={self.eval_num_samples}")
         if self.eval_num_problems < 1 or self.eval_num_samples < 1:
             raise ConfigError("eval_num_problems and eval_num_samples must be >= 1")
+        if self.old_logprobs == "sampler" and (self.routing_replay != "none" or self.loss_type == "grpo_r2"):
+            raise ConfigError("old_logprobs=sampler records no MoE routing: it cannot be combined with routing "
+                              "replay (routing_replay=R2 / loss_type=grpo_r2); use old_logprobs=recompute")
+        if self.old_logprobs == "sampler" and self.tis_cap > 0:
+            raise ConfigError("tis_cap corrects trainer/sampler mismatch, which old_logprobs=sampler hides; "
+                              "use one or the other")
         if self.loss_type == "grpo_r2":
             # GRPO-R2 is GRPO (clip 0.2/0.27) with routing replay: the preset implies the replay.
             self.routing_replay = "R2"

@@ -101,6 +101,12 @@ class PolicyHandle:
         record = self.is_moe and (need_old or cfg.routing_replay == "R2")
         if not (need_old or record):
             return BehaviourPass(None)
+        if cfg.old_logprobs == "sampler":
+            # the sampler's own log-probs (logits / temperature, before any top-k/top-p filter) stand
+            # in for a second forward: equal to rounding when the engine ran this model in float32
+            mask = tensors.completion_mask
+            old = torch.where(mask, tensors.sampler_logprobs, 0.0).to(self.device)
+            return BehaviourPass(old)
         model = self.model
         was_training = model.training
         model.eval()

@@ -120,3 +120,22 @@ def test_freeze_router_keeps_routers_fixed(tmp_path, sapo_cache):
     routers = [k for k in start if k.endswith("mlp.gate.weight")]
     assert routers and all(torch.equal(start[k], end[k]) for k in routers)
     assert any(not torch.equal(start[k], end[k]) for k in start if "experts" in k)
+
+
+def test_sampler_old_logprobs_train_like_recomputed_ones(tmp_path, sapo_cache):
+    """In float32 our engine's log-probs are the trainer's to rounding, so skipping the old-policy
+    forward (old_logprobs=sampler) trains to the same weights."""
+    _run(tmp_path, "samp", max_steps="2", lr="1e-3", old_logprobs="sampler")
+    _run(tmp_path, "reco", max_steps="2", lr="1e-3", old_logprobs="recompute")
+    a, b = _weights(tmp_path / "samp" / "final_model"), _weights(tmp_path / "reco" / "final_model")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-4)
+    rows = [json.loads(x) for x in (tmp_path / "samp" / "metrics.jsonl").read_text().splitlines()]
+    assert "moe/routing_changed" not in rows[-1]  # no routing record without the old-policy forward
+
+
+def test_sampler_old_logprobs_refuse_replay():
+    from sapo.config import ConfigError
+
+    with pytest.raises(ConfigError, match="routing replay"):
+        build_config(overrides={"old_logprobs": "sampler", "loss_type": "grpo_r2"})
