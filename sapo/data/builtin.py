@@ -125,22 +125,32 @@ def builtin_dataset(split: str = "train", n: int = 1000, seed: int = 0, *, heldo
     if unknown:
         raise ValueError(f"unknown difficulty knob(s) {unknown}; known: {sorted(known)}")
     d = ArithDifficulty(**difficulty)
-    rng = random.Random(seed)
-    examples = ExampleList(source=f"builtin:arith[{split}]")
+    return sample_split(
+        split, n, random.Random(seed), d, heldout_fraction, ExampleList(source=f"builtin:arith[{split}]"),
+        lambda operands, operators: make_example(operands, operators, split),
+        too_few=f"builtin:arith found only {{found}} distinct {split} problems of the {n} asked at this difficulty "
+                f"({d}); ask for fewer or widen the operand range",
+    )
+
+
+def sample_split(split: str, n: int, rng: random.Random, d: ArithDifficulty, heldout_fraction: float,
+                 examples: ExampleList, build, *, too_few: str) -> ExampleList:
+    """Draw problems until `examples` holds n of `split`: the split is a hash of the prompt
+    ("<expression>=\n"), and the test split holds distinct problems. `build(operands, operators)` makes
+    each accepted example (it may draw from rng); `too_few` is the error, with {found} filled in."""
     seen: set[str] = set()
     attempts, max_attempts = 0, 200 * n + 1000
     while len(examples) < n:
         attempts += 1
         if attempts > max_attempts:
-            raise ValueError(f"builtin:arith found only {len(examples)} distinct {split} problems of the "
-                             f"{n} asked at this difficulty ({d}); ask for fewer or widen the operand range")
+            raise ValueError(too_few.format(found=len(examples)))
         operands, operators = _sample(rng, d)
-        example = make_example(operands, operators, split)
-        if heldout_split(example.prompt, heldout_fraction) != split:
+        prompt = _expression(operands, operators) + "=\n"
+        if heldout_split(prompt, heldout_fraction) != split:
             continue
         if split == "test":
-            if example.prompt in seen:
+            if prompt in seen:
                 continue
-            seen.add(example.prompt)
-        examples.append(example)
+            seen.add(prompt)
+        examples.append(build(operands, operators))
     return examples

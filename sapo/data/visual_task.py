@@ -21,8 +21,8 @@ import io
 import random
 from functools import lru_cache
 
-from sapo.data.builtin import BUILTIN_ALPHABET, ArithDifficulty, _expression, _sample, worked_steps
-from sapo.data.example import Example, ExampleList, heldout_split
+from sapo.data.builtin import BUILTIN_ALPHABET, ArithDifficulty, _expression, sample_split, worked_steps
+from sapo.data.example import Example, ExampleList
 
 VL_DIGITS = "builtin:vl-digits"
 VL_ALPHABET = BUILTIN_ALPHABET  # text characters of prompts and completions
@@ -86,24 +86,12 @@ def visual_dataset(split: str = "train", n: int = 1000, seed: int = 0, *, heldou
         raise ValueError(f"n must be >= 0, got {n}")
     d = ArithDifficulty(**{"min_ops": 1, "max_ops": 1, **difficulty})
     rng = random.Random(seed)
-    examples = ExampleList(source=f"{VL_DIGITS}[{split}]")
-    seen: set[str] = set()
-    attempts, max_attempts = 0, 200 * n + 1000
-    while len(examples) < n:
-        attempts += 1
-        if attempts > max_attempts:
-            raise ValueError(f"{VL_DIGITS} found only {len(examples)} distinct {split} problems of the {n} asked "
-                             f"({d}); ask for fewer (the default difficulty has 218 test problems)")
-        operands, operators = _sample(rng, d)
-        expression = _expression(operands, operators)
-        if heldout_split(expression + "=\n", heldout_fraction) != split:
-            continue
-        if split == "test":
-            if expression in seen:
-                continue
-            seen.add(expression)
-        examples.append(make_visual_example(operands, operators, split, rng))
-    return examples
+    return sample_split(
+        split, n, rng, d, heldout_fraction, ExampleList(source=f"{VL_DIGITS}[{split}]"),
+        lambda operands, operators: make_visual_example(operands, operators, split, rng),
+        too_few=f"{VL_DIGITS} found only {{found}} distinct {split} problems of the {n} asked ({d}); ask for "
+                "fewer (the default difficulty has 218 test problems)",
+    )
 
 
 def warmstart_inputs(processor, n: int, seed: int = 0) -> tuple[list[list[int]], list[list[int]], list]:
