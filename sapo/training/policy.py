@@ -110,7 +110,7 @@ class PolicyHandle:
         model = self.model
         was_training = model.training
         model.eval()
-        logps, routings = [], []
+        logps, routings, num_experts = [], [], 0
         for rows in self._micro_batches(torch.arange(tensors.num_rows), cfg):
             part = select_rows(tensors, rows)
             ctx = moe.record_routing(model) if record else contextlib.nullcontext()
@@ -119,11 +119,11 @@ class PolicyHandle:
             logps.append(logp)
             if record:
                 routings.append(recorder.experts)
-                self._num_experts = recorder.num_experts
+                num_experts = recorder.num_experts
         model.train(was_training)
         out = BehaviourPass(torch.cat(logps), torch.cat(routings, dim=1) if routings else None)
         if out.routing is not None:
-            ent = moe.expert_load_entropy(out.routing, _full_mask(tensors), self._num_experts)
+            ent = moe.expert_load_entropy(out.routing, _full_mask(tensors), num_experts)
             out.metrics["moe/expert_load_entropy"] = float(sum(ent) / len(ent))
         if cfg.tis_cap > 0:
             # trainer vs sampler mismatch, before any update: log pi_old - log pi_sampler
@@ -169,11 +169,9 @@ class PolicyHandle:
         return options
 
     # -- one optimizer update -----------------------------------------------------------------
-    def fused_loss(self, cfg: TrainConfig, loss_options: dict) -> bool:
+    def fused_loss(self, cfg: TrainConfig, spec) -> bool:
         """The fused head applies to token-level objectives without KL and an lm_head without bias."""
-        if not hasattr(self, "spec"):
-            self.spec = resolve(cfg.loss_type, **loss_options)
-        return (cfg.fused_loss_head and self.spec.token_level and self.spec.beta == 0
+        return (cfg.fused_loss_head and spec.token_level and spec.beta == 0
                 and output_bias(self.model) is None)
 
     def _tis_weights(self, cfg: TrainConfig, old_logp, part, mask):
@@ -197,6 +195,7 @@ class PolicyHandle:
         mask_all = tensors.completion_mask[rows]
         num_sequences, num_tokens = distributed.global_counts(len(rows), int(mask_all.sum()))
         loss_scale = distributed.world_size()
+        spec = resolve(cfg.loss_type, **loss_options)
         metrics_rows, losses, finite = [], [], True
         routing_changed: list[float] = []
         for micro in self._micro_batches(rows, cfg):
@@ -214,18 +213,18 @@ class PolicyHandle:
                 advantages = part.advantages.to(self.device)
                 ref = ref_logprobs[micro.to(self.device)] if ref_logprobs is not None else None
                 old_logp = old.old_logprobs[micro.to(self.device)] if old.old_logprobs is not None else None
-                if old_logp is not None and self.fused_loss(cfg, loss_options):
+                if old_logp is not None and self.fused_loss(cfg, spec):
                     # token-level objective: dL/dlogp is known per token, so the lm_head gradient is
                     # computed chunk by chunk inside the forward (sapo.ops.fused_token_policy_loss)
                     h, labels, _ = self.completion_hidden(model, part, cfg)
-                    weights = aggregation_weights(mask, self.spec, num_sequences=num_sequences, num_tokens=num_tokens)
+                    weights = aggregation_weights(mask, spec, num_sequences=num_sequences, num_tokens=num_tokens)
                     tis = self._tis_weights(cfg, old_logp, part, mask)
                     if tis is not None:
                         weights = weights * tis
                     loss, logp_flat, ent_flat = fused_token_policy_loss(
                         h, output_weight(model), labels,
                         old_logp[mask],
-                        advantages[:, None].expand_as(mask)[mask], weights[mask], self.spec,
+                        advantages[:, None].expand_as(mask)[mask], weights[mask], spec,
                         temperature=cfg.temperature, chunk_size=cfg.logprob_chunk_size or None, with_entropy=True,
                     )
                     logp, entropy = _unflatten(logp_flat, mask), _unflatten(ent_flat, mask)
