@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from sapo.config import build_config
-from sapo.evaluate import evaluate
+from sapo.evaluate import evaluate_items
 from sapo.rollout import make_engine
 from sapo.tracking import read_metrics
 from sapo.training.policy import load_policy
@@ -65,14 +65,8 @@ def main() -> None:
     sft_seconds = time.perf_counter() - t0
 
     engine = make_engine(cfg.engine, policy.model)
-    temperature = cfg.temperature if cfg.eval_temperature < 0 else cfg.eval_temperature
-    result = evaluate(
-        engine, [e.prompt_ids for e in task.eval], [e.prompt_text for e in task.eval],
-        [e.answer for e in task.eval], task.correctness, policy.decode, num_samples=cfg.eval_num_samples,
-        temperature=temperature, max_new_tokens=cfg.max_completion_length, eos_token_ids=policy.eos_token_ids,
-        pad_token_id=policy.pad_token_id, ks=[int(k) for k in cfg.eval_pass_k], greedy=cfg.eval_greedy,
-        generator=torch.Generator().manual_seed(cfg.seed * 7919 + cfg.max_steps),
-    )
+    result = evaluate_items(engine, policy, task.eval, task.correctness, cfg,
+                            generator=torch.Generator().manual_seed(cfg.seed * 7919 + cfg.max_steps))
     start, end = evals[0], evals[-1]
     keys = [k for k in ("eval/pass@1", "eval/greedy", "eval/pass@8") if k in start]
     print(f"RL run: {run} ({len([r for r in rows if 'reward/mean' in r])} steps, {rl_seconds:.0f} s of steps)")

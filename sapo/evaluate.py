@@ -124,6 +124,22 @@ def evaluate(
     return EvalResult(metrics, [int(round(sum(r))) for r in correct], samples)
 
 
+def evaluate_items(engine, policy, items, correctness, cfg, *, generator: torch.Generator,
+                   prefix: str = "eval") -> EvalResult:
+    """`evaluate` on the trainer's prompt items, with the settings a TrainConfig gives (eval_* keys;
+    eval_temperature < 0 means the training temperature). The one call the loop, `sapo eval` and
+    the benchmarks share."""
+    return evaluate(
+        engine, [e.prompt_ids for e in items], [e.prompt_text for e in items], [e.answer for e in items],
+        correctness, policy.decode, num_samples=cfg.eval_num_samples,
+        temperature=cfg.temperature if cfg.eval_temperature < 0 else cfg.eval_temperature,
+        max_new_tokens=cfg.max_completion_length, eos_token_ids=policy.eos_token_ids,
+        pad_token_id=policy.pad_token_id, ks=[int(k) for k in cfg.eval_pass_k], greedy=cfg.eval_greedy,
+        generator=generator, prefix=prefix,
+        extra_inputs=[e.extra or {} for e in items] if any(e.extra for e in items) else None,
+    )
+
+
 def run_eval(cfg) -> dict[str, float]:
     """`sapo eval`: evaluate cfg.model on cfg.eval_dataset (comma-separated for several benchmarks)."""
     from sapo.config import ConfigError
@@ -137,21 +153,13 @@ def run_eval(cfg) -> dict[str, float]:
         raise ConfigError("sapo eval needs eval_dataset=... (e.g. math500:../shared/data/math500/test.jsonl)")
     policy = load_policy(cfg)
     engine = make_engine(cfg.engine, policy.model)
-    temperature = cfg.temperature if cfg.eval_temperature < 0 else cfg.eval_temperature
     table, all_metrics = [], {}
     for spec in specs:
         sub = type(cfg)(**{**cfg.__dict__, "eval_dataset": spec, "dataset": spec})
         task = load_task(sub, policy.tokenizer, policy.processor, eval_only=True)
         name = spec.split(":", 1)[0] if ":" in spec else spec
-        result = evaluate(
-            engine, [e.prompt_ids for e in task.eval], [e.prompt_text for e in task.eval],
-            [e.answer for e in task.eval], task.correctness, policy.decode,
-            num_samples=cfg.eval_num_samples, temperature=temperature, max_new_tokens=cfg.max_completion_length,
-            eos_token_ids=policy.eos_token_ids, pad_token_id=policy.pad_token_id,
-            ks=[int(k) for k in cfg.eval_pass_k], greedy=cfg.eval_greedy,
-            generator=torch.Generator().manual_seed(cfg.seed), prefix=f"eval/{name}",
-            extra_inputs=[e.extra or {} for e in task.eval] if any(e.extra for e in task.eval) else None,
-        )
+        result = evaluate_items(engine, policy, task.eval, task.correctness, cfg,
+                                generator=torch.Generator().manual_seed(cfg.seed), prefix=f"eval/{name}")
         all_metrics.update(result.metrics)
         table.append((name, result.metrics))
     ks = [int(k) for k in cfg.eval_pass_k if int(k) != 1]

@@ -21,7 +21,7 @@ import torch
 from sapo import checkpoint as ckpt
 from sapo import distributed
 from sapo.config import ConfigError, TrainConfig, build_config, save_config
-from sapo.evaluate import evaluate
+from sapo.evaluate import evaluate_items
 from sapo.rollout import make_engine
 from sapo.tracking import NullLogger, RunLogger
 from sapo.training.batch import group_advantages, merge_metrics, pack_rollout, select_rows
@@ -225,7 +225,6 @@ def train(cfg: TrainConfig, overrides: dict | None = None) -> dict:
                        resume_step=start_step if checkpoint_path is not None else None) if info.is_main else NullLogger()
     engine = make_engine(cfg.engine, model)
     loss_options = policy.loss_options(cfg)
-    eval_temperature = cfg.temperature if cfg.eval_temperature < 0 else cfg.eval_temperature
 
     def run_eval(step: int) -> dict[str, float]:
         if not task.eval:
@@ -235,15 +234,8 @@ def train(cfg: TrainConfig, overrides: dict | None = None) -> dict:
 
     def _eval(step: int) -> dict[str, float]:
         t0 = time.perf_counter()
-        result = evaluate(
-            engine, [e.prompt_ids for e in task.eval], [e.prompt_text for e in task.eval],
-            [e.answer for e in task.eval], task.correctness, policy.decode,
-            num_samples=cfg.eval_num_samples, temperature=eval_temperature,
-            max_new_tokens=cfg.max_completion_length, eos_token_ids=policy.eos_token_ids,
-            pad_token_id=policy.pad_token_id, ks=[int(k) for k in cfg.eval_pass_k], greedy=cfg.eval_greedy,
-            generator=torch.Generator().manual_seed(cfg.seed * 7919 + step),  # own stream: eval never shifts training
-            extra_inputs=[e.extra or {} for e in task.eval] if any(e.extra for e in task.eval) else None,
-        )
+        own_stream = torch.Generator().manual_seed(cfg.seed * 7919 + step)  # eval never shifts training's RNG
+        result = evaluate_items(engine, policy, task.eval, task.correctness, cfg, generator=own_stream)
         result.metrics["time/eval"] = time.perf_counter() - t0
         return result.metrics
 
