@@ -27,7 +27,7 @@ from sapo.rollout import make_engine
 from sapo.tracking import read_metrics
 from sapo.training.policy import load_policy
 from sapo.training.tasks import load_task
-from sapo.training.warmstart import WarmStartRecipe, supervised_train
+from sapo.training.warmstart import WarmStartRecipe, builtin_sft_data, supervised_train
 
 
 def main() -> None:
@@ -49,14 +49,8 @@ def main() -> None:
 
     policy = load_policy(cfg)  # the warm-started model, from the cache
     task = load_task(cfg, policy.tokenizer)
-    from sapo.data import builtin_dataset, reference_completion
-
     recipe = WarmStartRecipe.from_config(cfg)
-    examples = builtin_dataset("train", recipe.train_size, seed=recipe.seed)
-    tok = policy.tokenizer
-    prompt_ids = [tok.encode(e.prompt, add_special_tokens=False) for e in examples]
-    target_ids = [tok.encode(reference_completion(e), add_special_tokens=False) + [tok.eos_token_id]
-                  for e in examples]
+    prompt_ids, target_ids = builtin_sft_data(policy.tokenizer, recipe)
     t0 = time.perf_counter()
     stats = supervised_train(
         policy.model, prompt_ids, target_ids, policy.pad_token_id, steps=10**9, batch_size=recipe.batch_size,

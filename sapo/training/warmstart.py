@@ -120,9 +120,20 @@ def supervised_train(
     return {"steps": done, "seconds": time.perf_counter() - t0, "final_loss": sum(losses[-20:]) / max(1, len(losses[-20:]))}
 
 
+def builtin_sft_data(tokenizer, recipe: WarmStartRecipe) -> tuple[list[list[int]], list[list[int]]]:
+    """(prompt ids, target ids ending in EOS) of the text task's worked solutions, as the warm start uses them."""
+    from sapo.data.builtin import builtin_dataset, reference_completion
+
+    examples = builtin_dataset("train", recipe.train_size, seed=recipe.seed)
+    prompt_ids = [tokenizer.encode(e.prompt, add_special_tokens=False) for e in examples]
+    target_ids = [tokenizer.encode(reference_completion(e), add_special_tokens=False) + [tokenizer.eos_token_id]
+                  for e in examples]
+    return prompt_ids, target_ids
+
+
 def builtin_model_path(name: str, recipe: WarmStartRecipe | None = None, *, verbose: bool = True) -> Path:
     """The cached warm-started built-in model folder, built on first use (a couple of minutes on CPU)."""
-    from sapo.data.builtin import BUILTIN_ALPHABET, builtin_dataset, reference_completion
+    from sapo.data.builtin import BUILTIN_ALPHABET
     from sapo.models.char_tokenizer import build_char_tokenizer
     from sapo.models.loading import save_model
     from sapo.models.tiny import build_tiny_model
@@ -148,10 +159,7 @@ def builtin_model_path(name: str, recipe: WarmStartRecipe | None = None, *, verb
         prompt_ids, target_ids, extra = warmstart_inputs(processor, recipe.train_size, seed=recipe.seed)
     else:
         model = build_tiny_model(arch, vocab_size=len(tokenizer), seed=recipe.seed)
-        examples = builtin_dataset("train", recipe.train_size, seed=recipe.seed)
-        eos = tokenizer.eos_token_id
-        prompt_ids = [tokenizer.encode(e.prompt, add_special_tokens=False) for e in examples]
-        target_ids = [tokenizer.encode(reference_completion(e), add_special_tokens=False) + [eos] for e in examples]
+        prompt_ids, target_ids = builtin_sft_data(tokenizer, recipe)
     stats = supervised_train(model, prompt_ids, target_ids, tokenizer.pad_token_id, steps=recipe.steps,
                              batch_size=recipe.batch_size, lr=recipe.lr, warmup=recipe.warmup, seed=recipe.seed,
                              log_every=100 if verbose else 0, extra=extra, label_smoothing=recipe.label_smoothing)
