@@ -13,23 +13,27 @@ from pathlib import Path
 from typing import Any
 
 
-def _truncate_jsonl(path: Path, max_step: int) -> list[dict]:
-    """Keep rows with step <= max_step (and drop a torn last line). Returns the kept rows."""
+def _jsonl_rows(path: Path) -> list[tuple[str, dict]]:
+    """(line, row) for each whole line of a JSONL file; a line torn by a kill mid-write is skipped."""
     if not path.exists():
         return []
-    kept, lines = [], []
+    out = []
     for line in path.read_text().splitlines():
         try:
-            row = json.loads(line)
+            out.append((line, json.loads(line)))
         except json.JSONDecodeError:
-            continue  # a line torn by a kill mid-write
-        if row.get("step", 0) <= max_step:
-            kept.append(row)
-            lines.append(line)
+            continue
+    return out
+
+
+def _truncate_jsonl(path: Path, max_step: int) -> None:
+    """Keep the rows with step <= max_step (and drop a torn last line), rewriting the file atomically."""
+    if not path.exists():
+        return
+    kept = [line for line, row in _jsonl_rows(path) if row.get("step", 0) <= max_step]
     tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(line + "\n" for line in lines))
+    tmp.write_text("".join(line + "\n" for line in kept))
     os.replace(tmp, path)
-    return kept
 
 
 def _clean(value: Any) -> Any:
@@ -102,13 +106,5 @@ class NullLogger:
 
 
 def read_metrics(output_dir: str | Path) -> list[dict]:
-    path = Path(output_dir) / "metrics.jsonl"
-    if not path.exists():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return rows
+    """The rows of a run's metrics.jsonl (empty when there is none)."""
+    return [row for _, row in _jsonl_rows(Path(output_dir) / "metrics.jsonl")]
