@@ -382,7 +382,7 @@ def build_config(file: str | Path | None = None, overrides: dict[str, Any] | Non
     return cfg
 
 
-def _flatten(mapping: dict, prefix: str = "") -> dict:
+def _flatten(mapping: dict) -> dict:
     """Accept nested YAML groups (`optim: {lr: 1e-4}`) as well as flat keys."""
     groups = {f.metadata.get("group") for f in dataclasses.fields(TrainConfig)}
     out = {}
