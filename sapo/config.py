@@ -150,10 +150,14 @@ class TrainConfig:
     max_steps: int = _opt(150, "RL steps (one rollout batch each)", group="optim")
     num_minibatches: int = _opt(4, "optimizer updates per rollout batch (the off-policy degree)", group="optim")
     micro_batch_size: int = _opt(0, "rows per forward/backward (0 = a whole mini-batch)", group="optim")
+    micro_batch_tokens: int = _opt(0, "padded tokens per forward/backward, rows x longest (0 = no budget; "
+                                   "rows are grouped by length)", group="optim")
     lr: float = _opt(5e-5, "peak learning rate (AdamW)", group="optim")
     lr_schedule: str = _opt("constant", "after warmup", ("constant", "cosine", "linear"), group="optim")
     warmup_steps: int = _opt(0, "linear warmup, in optimizer updates", group="optim")
     weight_decay: float = _opt(0.0, "AdamW weight decay", group="optim")
+    norm_lr_scale: float = _opt(1.0, "lr multiplier for normalisation gains (RMSNorm weights; no weight decay)",
+                                group="optim")
     adam_beta1: float = _opt(0.9, "AdamW beta1", group="optim")
     adam_beta2: float = _opt(0.99, "AdamW beta2", group="optim")
     max_grad_norm: float = _opt(1.0, "gradient clipping (0 = off)", group="optim")
@@ -197,7 +201,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        nonneg = ("micro_batch_size", "warmup_steps", "weight_decay", "max_grad_norm", "beta", "eval_steps", "top_k",
+        nonneg = ("micro_batch_size", "micro_batch_tokens", "warmup_steps", "weight_decay", "norm_lr_scale", "max_grad_norm", "beta", "eval_steps", "top_k",
                   "save_steps", "threads", "lora_rank", "warmstart_steps", "tis_cap", "log_samples", "logprob_chunk_size")
         for name in nonneg:
             if getattr(self, name) < 0:

@@ -122,6 +122,15 @@ def global_counts(num_sequences: int, num_tokens: int) -> tuple[int, int]:
     return int(counts[0]), int(counts[1])
 
 
+def global_max(value: int) -> int:
+    """The largest of value over ranks (one all-reduce)."""
+    if world_size() == 1:
+        return value
+    t = torch.tensor([float(value)], device=_comm_device())
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
 def all_true(flag: bool) -> bool:
     """True when flag is True on every rank (one all-reduce)."""
     if world_size() == 1:

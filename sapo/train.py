@@ -69,6 +69,22 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _param_groups(model, cfg: TrainConfig) -> list[dict]:
+    """AdamW groups: normalisation gains (1-D weights of *norm* modules) at lr * norm_lr_scale and
+    without weight decay; everything else at lr. Adam moves each parameter by about lr per update,
+    so at an RL learning rate a gain that sets the sharpness of the output distribution barely moves;
+    a larger scale for the gains lets the policy sharpen without raising the lr of the matrices."""
+    norms, rest = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (norms if p.dim() == 1 and "norm" in name.rsplit(".", 2)[-2].lower() else rest).append(p)
+    groups = [{"params": rest}]
+    if norms:
+        groups.append({"params": norms, "lr": cfg.lr * cfg.norm_lr_scale, "weight_decay": 0.0})
+    return groups
+
+
 def _make_scheduler(optimizer, cfg: TrainConfig, total_updates: int):
     warm = cfg.warmup_steps
 
@@ -194,9 +210,8 @@ def train(cfg: TrainConfig, overrides: dict | None = None) -> dict:
     reference = policy.reference() if cfg.beta > 0 else None
     distributed.prepare_model(model, info)  # FSDP2 / replicated; before the optimizer sees the parameters
 
-    trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
-        trainable, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay,
+        _param_groups(model, cfg), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay,
         eps=1e-8,
     )
     total_updates = cfg.max_steps * cfg.num_minibatches

@@ -70,6 +70,70 @@ def select_rows(t: RolloutTensors, idx: torch.Tensor) -> RolloutTensors:
     )
 
 
+def trim_padding(t: RolloutTensors) -> tuple[RolloutTensors, int]:
+    """Drop the columns that are padding in every row of t: prompt columns on the left (prompts are
+    left-padded) and completion columns on the right. Returns the trimmed rows and `left`, the number
+    of prompt columns dropped: column j of the trimmed rows is column j + left of t, and completion
+    column c stays completion column c (only its width shrinks). Positions count from each row's
+    first real token, so the model sees the same sequences."""
+    real = t.attention_mask.bool()  # [b, P + C]
+    P = t.prompt_width
+    prompt_cols = real[:, :P].any(dim=0).nonzero()
+    left = int(prompt_cols[0]) if len(prompt_cols) else max(P - 1, 0)  # keep one column: hidden[P - 1] predicts
+    completion_cols = real[:, P:].any(dim=0).nonzero()
+    width = max(int(completion_cols[-1]) + 1 if len(completion_cols) else 0, 1)  # >= 1 column, as pack_rollout
+    end = P + width
+    if left == 0 and end == t.input_ids.shape[1]:
+        return t, 0
+    return RolloutTensors(
+        t.input_ids[:, left:end], t.attention_mask[:, left:end], t.position_ids[:, left:end],
+        t.completion_mask[:, :width], P - left, t.sampler_logprobs[:, :width], t.advantages, t.extra,
+    ), left
+
+
+def micro_batch_plan(t: RolloutTensors, rows: torch.Tensor, *, max_rows: int = 0, max_tokens: int = 0) -> list[torch.Tensor]:
+    """Split `rows` into micro-batches of at most max_rows rows and at most max_tokens padded tokens
+    (rows x (longest prompt + longest completion) after trim_padding); 0 means no limit.
+
+    With a token budget the rows are taken longest first, so rows of similar length share a
+    micro-batch and little padding is computed; a row longer than the budget goes alone. Which rows
+    share a micro-batch does not change the accumulated gradient: the loss normalisers are the
+    mini-batch's."""
+    if not max_tokens:
+        return list(torch.split(rows, max_rows or len(rows)))
+    real = t.attention_mask[rows].bool()  # [n, P + C]
+    prompt_len = real[:, : t.prompt_width].sum(dim=1)  # [n], left-padded
+    cols = torch.arange(real.shape[1] - t.prompt_width)
+    completion_len = torch.where(real[:, t.prompt_width :], cols + 1, 0).amax(dim=1)  # [n] extent, right-padded
+    order = torch.argsort(prompt_len + completion_len, descending=True, stable=True)
+    plan, current, longest_prompt, longest_completion = [], [], 0, 0
+    for i in order.tolist():
+        p, c = max(longest_prompt, int(prompt_len[i])), max(longest_completion, int(completion_len[i]))
+        if current and ((len(current) + 1) * (p + c) > max_tokens or len(current) == (max_rows or len(rows))):
+            plan.append(rows[torch.tensor(current)])
+            current, p, c = [], int(prompt_len[i]), int(completion_len[i])
+        current.append(i)
+        longest_prompt, longest_completion = p, c
+    plan.append(rows[torch.tensor(current)])
+    return plan
+
+
+def split_plan(plan: list[torch.Tensor], count: int) -> list[torch.Tensor]:
+    """Split the largest micro-batches in two until the plan has `count` of them (data-parallel
+    ranks must run the same number of forwards; FSDP gathers the weights in each)."""
+    plan = list(plan)
+    while len(plan) < count:
+        largest = max(range(len(plan)), key=lambda i: len(plan[i]))
+        if len(plan[largest]) < 2:
+            raise ValueError(
+                f"cannot make {count} micro-batches from {sum(len(m) for m in plan)} rows on this rank: another "
+                "data-parallel rank needs that many for its token budget; raise micro_batch_tokens"
+            )
+        half = len(plan[largest]) // 2
+        plan[largest : largest + 1] = [plan[largest][:half], plan[largest][half:]]
+    return plan
+
+
 def merge_metrics(rows: list[dict[str, float]], *, sum_prefixes: tuple[str, ...] = ()) -> dict[str, float]:
     """One row from several (micro-batches, updates or ranks): */min and */max exactly, keys under
     sum_prefixes summed, everything else averaged; non-finite and non-numeric values are left out."""

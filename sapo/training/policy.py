@@ -20,7 +20,7 @@ from sapo.models import routing as moe
 from sapo.models.forward import hidden_states, output_bias, output_weight
 from sapo.objectives import aggregation_weights, policy_loss, resolve
 from sapo.ops import fused_token_policy_loss, token_logprobs
-from sapo.training.batch import merge_metrics, select_rows
+from sapo.training.batch import merge_metrics, micro_batch_plan, select_rows, split_plan, trim_padding
 
 
 @dataclass
@@ -91,9 +91,16 @@ class PolicyHandle:
         )
         return _unflatten(logp_flat, mask), _unflatten(ent_flat.detach(), mask) if ent_flat is not None else None
 
-    def _micro_batches(self, rows: torch.Tensor, cfg: TrainConfig):
-        size = cfg.micro_batch_size or len(rows)
-        return torch.split(rows, size)
+    def _micro_batches(self, tensors, rows: torch.Tensor, cfg: TrainConfig) -> list:
+        """(rows, trimmed rows, left) per forward/backward: micro_batch_plan's split of `rows`, each
+        part with its all-padding columns dropped (trim_padding; `left` prompt columns)."""
+        plan = micro_batch_plan(tensors, rows, max_rows=cfg.micro_batch_size, max_tokens=cfg.micro_batch_tokens)
+        if cfg.micro_batch_tokens and distributed.world_size() > 1:
+            try:
+                plan = split_plan(plan, distributed.global_max(len(plan)))
+            except ValueError as err:
+                raise ConfigError(str(err)) from err
+        return [(micro, *trim_padding(select_rows(tensors, micro))) for micro in plan]
 
     @torch.no_grad()
     def behaviour_pass(self, tensors, cfg: TrainConfig, *, need_old: bool) -> BehaviourPass:
@@ -110,18 +117,22 @@ class PolicyHandle:
         model = self.model
         was_training = model.training
         model.eval()
-        logps, routings, num_experts = [], [], 0
-        for rows in self._micro_batches(torch.arange(tensors.num_rows), cfg):
-            part = select_rows(tensors, rows)
+        old = torch.zeros(tensors.completion_mask.shape, dtype=torch.float32, device=self.device)  # [N, C]
+        routing, num_experts = None, 0
+        for rows, part, left in self._micro_batches(tensors, torch.arange(tensors.num_rows), cfg):
             ctx = moe.record_routing(model) if record else contextlib.nullcontext()
             with ctx as recorder:
-                logp, _ = self.completion_logprobs(model, part, cfg)
-            logps.append(logp)
+                logp, _ = self.completion_logprobs(model, part, cfg)  # [b, C'] (trimmed)
+            old[rows.to(self.device), : logp.shape[1]] = logp
             if record:
-                routings.append(recorder.experts)
+                experts = recorder.experts  # [L, b, T', k]
+                if routing is None:  # [L, N, P + C, k], positions no forward saw stay UNSET
+                    routing = experts.new_full(
+                        (experts.shape[0], tensors.num_rows, tensors.input_ids.shape[1], experts.shape[3]), moe.UNSET)
+                routing[:, rows.to(routing.device), left : left + experts.shape[2]] = experts
                 num_experts = recorder.num_experts
         model.train(was_training)
-        out = BehaviourPass(torch.cat(logps), torch.cat(routings, dim=1) if routings else None)
+        out = BehaviourPass(old, routing)
         if out.routing is not None:
             ent = moe.expert_load_entropy(out.routing, _full_mask(tensors), num_experts)
             out.metrics["moe/expert_load_entropy"] = float(sum(ent) / len(ent))
@@ -144,9 +155,8 @@ class PolicyHandle:
 
     @torch.no_grad()
     def reference_logprobs(self, reference, tensors, cfg: TrainConfig) -> torch.Tensor:
-        out = []
-        for rows in self._micro_batches(torch.arange(tensors.num_rows), cfg):
-            part = select_rows(tensors, rows)
+        out = torch.zeros(tensors.completion_mask.shape, dtype=torch.float32, device=self.device)  # [N, C]
+        for rows, part, _ in self._micro_batches(tensors, torch.arange(tensors.num_rows), cfg):
             if reference == "adapters_disabled":
                 from sapo.models.lora import adapters_disabled
 
@@ -154,8 +164,8 @@ class PolicyHandle:
                     logp, _ = self.completion_logprobs(self.model, part, cfg)
             else:
                 logp, _ = self.completion_logprobs(reference, part, cfg)
-            out.append(logp)
-        return torch.cat(out)
+            out[rows.to(self.device), : logp.shape[1]] = logp
+        return out
 
     def loss_options(self, cfg: TrainConfig) -> dict:
         options = {"tau_pos": cfg.tau_pos, "tau_neg": cfg.tau_neg, "beta": cfg.beta,
@@ -198,9 +208,11 @@ class PolicyHandle:
         spec = resolve(cfg.loss_type, **loss_options)
         metrics_rows, losses, finite = [], [], True
         routing_changed: list[float] = []
-        for micro in self._micro_batches(rows, cfg):
-            part = select_rows(tensors, micro)
-            old_routing = old.routing[:, micro.to(old.routing.device)] if old.routing is not None else None
+        for micro, part, left in self._micro_batches(tensors, rows, cfg):
+            width = part.completion_mask.shape[1]  # C' <= C after trimming; columns past it are padding
+            old_routing = None
+            if old.routing is not None:  # [L, b, T', k], the trimmed part's positions
+                old_routing = old.routing[:, micro.to(old.routing.device), left : left + part.input_ids.shape[1]]
             if cfg.routing_replay == "R2" and old_routing is not None:
                 # R2: the experts pi_old chose; the record holds the current router's own top-k
                 ctx = moe.replay_routing(model, old_routing)
@@ -211,8 +223,8 @@ class PolicyHandle:
             with ctx as record:  # backward inside: activation checkpointing re-runs the forward
                 mask = part.completion_mask.to(self.device)
                 advantages = part.advantages.to(self.device)
-                ref = ref_logprobs[micro.to(self.device)] if ref_logprobs is not None else None
-                old_logp = old.old_logprobs[micro.to(self.device)] if old.old_logprobs is not None else None
+                ref = ref_logprobs[micro.to(self.device), :width] if ref_logprobs is not None else None
+                old_logp = old.old_logprobs[micro.to(self.device), :width] if old.old_logprobs is not None else None
                 if old_logp is not None and self.fused_loss(cfg, spec):
                     # token-level objective: dL/dlogp is known per token, so the lm_head gradient is
                     # computed chunk by chunk inside the forward (sapo.ops.fused_token_policy_loss)
@@ -264,7 +276,8 @@ class PolicyHandle:
             optimizer.zero_grad(set_to_none=True)
             return {"nonfinite": 1.0}
         optimizer.step()
-        out = merge_metrics(metrics_rows)
+        # each micro-batch's loss/* is its share of the mini-batch loss (global normalisers): sum them
+        out = merge_metrics(metrics_rows, sum_prefixes=("loss/",))
         out["loss/total"] = float(sum(losses).item())
         out["grad_norm"] = grad_norm
         if routing_changed:
