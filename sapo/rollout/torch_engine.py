@@ -32,6 +32,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from sapo.rollout.base import RolloutBatch, check_generate_args, collate_extra_inputs, left_pad
+from sapo.rollout.lean_qwen3 import LeanQwen3, lean_unsupported
 from sapo.rollout.sampling import sample_tokens
 
 
@@ -115,14 +116,21 @@ def _cache_kwarg(model: torch.nn.Module) -> str:
 class TorchEngine:
     """Batched sampling with a KV cache; finished rows leave the batch.
 
-    ``compile=True`` wraps the decode forward in ``torch.compile`` (GPU; the first call is slow).
+    ``lean=True`` (default) runs Qwen3 / Qwen3-MoE text models on ``LeanQwen3`` (plain tensor ops on the
+    model's weights, see ``sapo.rollout.lean_qwen3``) and any other model, or a Qwen3 one that it does
+    not support (``lean_unsupported``: hooks such as routing record/replay, peft wrappers, sliding
+    windows, extra inputs, ``compile=True``), on the HF forward. ``lean=False`` always uses the HF forward.
+    ``compile=True`` wraps the HF decode forward in ``torch.compile`` (GPU; the first call is slow).
+    ``last_path`` is "lean" or "hf": the path the latest ``generate`` call took.
     """
 
-    def __init__(self, model: torch.nn.Module, *, cache: str = "static", compile: bool = False):
+    def __init__(self, model: torch.nn.Module, *, cache: str = "static", compile: bool = False, lean: bool = True):
         if cache not in ("static", "dynamic"):
             raise ValueError(f"cache must be 'static' or 'dynamic', got {cache!r}")
         self.model = model
         self.cache_kind = cache
+        self.lean = lean and not compile
+        self.last_path: str | None = None
         self._forward = torch.compile(model, dynamic=True) if compile else model
         self._cache_kwarg = _cache_kwarg(model)
 
@@ -172,10 +180,13 @@ class TorchEngine:
         device = next(self.model.parameters()).device
         input_ids, prompt_mask = left_pad(prompt_ids, pad_token_id)  # [B, P], [B, P]
         batch, prompt_len = input_ids.shape
-        total_len = prompt_len + max_new_tokens
-        attention_mask = F.pad(prompt_mask, (0, max_new_tokens))  # [B, P+N], a column set per step
-        input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
-        position_ids = (attention_mask[:, :prompt_len].cumsum(-1) - 1).clamp(min=0)  # [B, P]
+        input_ids, prompt_mask = input_ids.to(device), prompt_mask.to(device)
+        use_lean = self.lean and extra_inputs is None and lean_unsupported(self.model, prompt_len + max_new_tokens) is None
+        self.last_path = "lean" if use_lean else "hf"
+        if use_lean:
+            forward = _LeanForward(self.model, input_ids, prompt_mask, max_new_tokens)
+        else:
+            forward = _HFForward(self, input_ids, prompt_mask, max_new_tokens, extra_inputs, prompt_ids, mrope_model)
         eos = torch.tensor(eos_token_ids, dtype=torch.long, device=device)
 
         out_tokens = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
@@ -184,25 +195,7 @@ class TorchEngine:
         hit_eos = torch.zeros(batch, dtype=torch.bool, device=device)
         rows = torch.arange(batch, device=device)  # output row of each live batch row
 
-        cache = make_kv_cache(self.model, total_len, self.cache_kind)
-        prefill = {"input_ids": input_ids, "attention_mask": attention_mask[:, :prompt_len], "use_cache": True,
-                   "logits_to_keep": 1, self._cache_kwarg: cache}
-        if extra_inputs is None:
-            prefill["position_ids"] = position_ids
-            next_position = position_ids[:, -1] + 1  # [B]
-        else:
-            extra = collate_extra_inputs(extra_inputs, [len(p) for p in prompt_ids], device)
-            prefill.update(extra)
-            prefill["position_ids"], next_position = _mrope_positions(
-                mrope_model, input_ids, attention_mask[:, :prompt_len], extra
-            )  # [3, B, P], [B]
-        logits = self.model(**prefill).logits[:, -1]  # [B, V]
-        # A decode query attends to every cached real token, so with full attention only (no sliding
-        # window) the mask is just the padding mask; handing sdpa a ready [b, 1, 1, W] boolean mask skips
-        # HF's per-step mask building (~12% of a decode step on CPU).
-        ready_mask = getattr(self.model.config, "_attn_implementation", None) == "sdpa" and all(
-            isinstance(layer, PreallocatedLayer) for layer in cache.layers
-        )
+        logits = forward.prefill()  # [B, V]
         for step in range(max_new_tokens):
             token, logprob = sample_tokens(
                 logits, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, generator=generator
@@ -217,18 +210,81 @@ class TorchEngine:
                 keep = (~finished).nonzero().squeeze(1)  # [b']
                 if keep.numel() == 0 or step == max_new_tokens - 1:
                     break
-                rows, token, next_position = rows[keep], token[keep], next_position[keep]
-                attention_mask = attention_mask[keep]
-                _select_rows(cache, keep)  # finished rows leave the KV cache: later steps skip them
+                rows, token = rows[keep], token[keep]
+                forward.select_rows(keep)  # finished rows leave the KV cache: later steps skip them
             if step == max_new_tokens - 1:
                 break
-            width = prompt_len + step + 1
-            attention_mask[:, width - 1] = 1
-            step_mask = attention_mask[:, None, None, :width].bool() if ready_mask else attention_mask[:, :width]
-            logits = self._forward(
-                input_ids=token[:, None], attention_mask=step_mask,
-                position_ids=_decode_positions(next_position, mrope_model), use_cache=True,
-                **{self._cache_kwarg: cache},
-            ).logits[:, -1]  # [b, V]
-            next_position = next_position + 1
+            logits = forward.decode(token, step)  # [b, V]
         return out_tokens.cpu(), out_logprobs.cpu(), lengths.cpu(), hit_eos.cpu()
+
+
+class _LeanForward:
+    """Prefill / decode / row selection on ``LeanQwen3``."""
+
+    def __init__(self, model, input_ids, prompt_mask, max_new_tokens):
+        self.input_ids, self.prompt_mask = input_ids, prompt_mask
+        self.net = LeanQwen3(model, input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
+        self.next_position = prompt_mask.sum(-1)  # [B] positions count real tokens only
+
+    def prefill(self) -> torch.Tensor:
+        return self.net.prefill(self.input_ids, self.prompt_mask)
+
+    def select_rows(self, keep: torch.Tensor) -> None:
+        self.next_position = self.next_position[keep]
+        self.net.select_rows(keep)
+
+    def decode(self, token: torch.Tensor, step: int) -> torch.Tensor:
+        logits = self.net.decode(token, self.next_position)
+        self.next_position = self.next_position + 1
+        return logits
+
+
+class _HFForward:
+    """Prefill / decode / row selection through the HF model forward and an HF cache."""
+
+    def __init__(self, engine, input_ids, prompt_mask, max_new_tokens, extra_inputs, prompt_ids, mrope_model):
+        self.engine, self.model, self.mrope_model = engine, engine.model, mrope_model
+        self.input_ids, self.prompt_len = input_ids, input_ids.shape[1]
+        self.attention_mask = F.pad(prompt_mask, (0, max_new_tokens))  # [B, P+N], a column set per step
+        self.cache = make_kv_cache(self.model, self.prompt_len + max_new_tokens, engine.cache_kind)
+        self.extra_inputs, self.prompt_ids = extra_inputs, prompt_ids
+
+    def prefill(self) -> torch.Tensor:
+        prompt_mask = self.attention_mask[:, : self.prompt_len]
+        prefill = {"input_ids": self.input_ids, "attention_mask": prompt_mask, "use_cache": True,
+                   "logits_to_keep": 1, self.engine._cache_kwarg: self.cache}
+        if self.extra_inputs is None:
+            prefill["position_ids"] = (prompt_mask.cumsum(-1) - 1).clamp(min=0)  # [B, P]
+            self.next_position = prefill["position_ids"][:, -1] + 1  # [B]
+        else:
+            extra = collate_extra_inputs(self.extra_inputs, [len(p) for p in self.prompt_ids], self.input_ids.device)
+            prefill.update(extra)
+            prefill["position_ids"], self.next_position = _mrope_positions(
+                self.mrope_model, self.input_ids, prompt_mask, extra
+            )  # [3, B, P], [B]
+        logits = self.model(**prefill).logits[:, -1]  # [B, V]
+        # A decode query attends to every cached real token, so with full attention only (no sliding
+        # window) the mask is just the padding mask; handing sdpa a ready [b, 1, 1, W] boolean mask skips
+        # HF's per-step mask building (~12% of a decode step on CPU).
+        self.ready_mask = getattr(self.model.config, "_attn_implementation", None) == "sdpa" and all(
+            isinstance(layer, PreallocatedLayer) for layer in self.cache.layers
+        )
+        return logits
+
+    def select_rows(self, keep: torch.Tensor) -> None:
+        self.next_position = self.next_position[keep]
+        self.attention_mask = self.attention_mask[keep]
+        _select_rows(self.cache, keep)
+
+    def decode(self, token: torch.Tensor, step: int) -> torch.Tensor:
+        width = self.prompt_len + step + 1
+        self.attention_mask[:, width - 1] = 1
+        mask = self.attention_mask
+        step_mask = mask[:, None, None, :width].bool() if self.ready_mask else mask[:, :width]
+        logits = self.engine._forward(
+            input_ids=token[:, None], attention_mask=step_mask,
+            position_ids=_decode_positions(self.next_position, self.mrope_model), use_cache=True,
+            **{self.engine._cache_kwarg: self.cache},
+        ).logits[:, -1]  # [b, V]
+        self.next_position = self.next_position + 1
+        return logits

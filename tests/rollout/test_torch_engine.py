@@ -31,7 +31,7 @@ def test_greedy_matches_hf_generate_with_eos_stopping(model, prompts):
 
 @pytest.mark.parametrize("cache", ["static", "dynamic"])
 def test_sampler_logprobs_equal_teacher_forced(model, prompts, cache):
-    engine = TorchEngine(model, cache=cache)
+    engine = TorchEngine(model, cache=cache, lean=False)  # the cache kinds are options of the HF-forward path
     batch = engine.generate(prompts, max_new_tokens=10, temperature=0.7, eos_token_ids=[5, 17, 33],
                             pad_token_id=0, generator=torch.Generator().manual_seed(0))
     expected, got = teacher_forced_logprobs(model, batch, temperature=0.7)
@@ -41,8 +41,8 @@ def test_sampler_logprobs_equal_teacher_forced(model, prompts, cache):
 
 def test_static_and_dynamic_cache_agree(model, prompts):
     args = {"max_new_tokens": 10, "eos_token_ids": [5, 17, 33], "pad_token_id": 0, "top_k": 20}
-    a = TorchEngine(model, cache="static").generate(prompts, generator=torch.Generator().manual_seed(1), **args)
-    b = TorchEngine(model, cache="dynamic").generate(prompts, generator=torch.Generator().manual_seed(1), **args)
+    a = TorchEngine(model, cache="static", lean=False).generate(prompts, generator=torch.Generator().manual_seed(1), **args)
+    b = TorchEngine(model, cache="dynamic", lean=False).generate(prompts, generator=torch.Generator().manual_seed(1), **args)
     assert a.completion_ids == b.completion_ids
 
 

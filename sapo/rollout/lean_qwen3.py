@@ -1,0 +1,240 @@
+"""A lean forward for Qwen3 / Qwen3-MoE generation: plain tensor ops on the HF model's own weights.
+
+The HF forward costs, per decode step and layer, a dozen module calls, mask building, a rotary
+recomputation, cache-object bookkeeping and (MoE) a Python loop over experts. ``LeanQwen3`` runs the
+same maths with those costs removed:
+
+- weights are read from the live HF modules at construction (a reference, so an engine that builds one
+  per ``generate`` call always sees the current weights); q/k/v and gate/up are concatenated into one
+  matrix each (a copy of the attention and dense-MLP weights, a few MB, rebuilt per call);
+- rotary cos/sin come from the model's own ``rotary_emb`` once, as a table over positions;
+- the KV cache is one preallocated [B, H_kv, L, D] pair per layer; a decode query attends with two
+  matmuls, grouped-query heads sharing their K/V head without a copy, and a fixed additive mask
+  (-inf on left padding) built once per call;
+- prefill runs the linear layers and experts on the real (unpadded) prompt tokens only; attention
+  scatters them into the padded layout for one masked sdpa call;
+- MoE router: softmax in float32, top-k, renormalised when ``norm_topk_prob`` (as HF); experts run per
+  expert on the tokens sorted by expert, and the k outputs of a token are summed in top-k order (as
+  HF's grouped_mm path does).
+
+``lean_unsupported(model)`` says why a model cannot use this path (None when it can); the engine
+falls back to the HF forward then.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+SUPPORTED_MODEL_TYPES = ("qwen3", "qwen3_moe")
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SUPPORTED_CLASSES = ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
+
+
+def lean_unsupported(model: torch.nn.Module, total_len: int | None = None) -> str | None:
+    """Why ``model`` cannot run on ``LeanQwen3`` (a short reason), or None when it can.
+
+    Unsupported: other classes (including peft-wrapped models), dtypes other than fp32/bf16/fp16,
+    activations other than SiLU, sliding windows shorter than ``total_len``, rope types that depend on
+    the sequence length (dynamic, longrope), and any forward hook on any module (routing record or
+    replay, accelerate offloading, adapters): a hook would silently not run on the lean path.
+    """
+    if type(model).__name__ not in SUPPORTED_CLASSES:
+        return f"{type(model).__name__} is not one of {SUPPORTED_CLASSES}"
+    config = model.config
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        return f"model_type {config.model_type!r} is not one of {SUPPORTED_MODEL_TYPES}"
+    dtype = model.model.embed_tokens.weight.dtype
+    if dtype not in SUPPORTED_DTYPES:
+        return f"dtype {dtype} is not one of {SUPPORTED_DTYPES}"
+    if config.hidden_act != "silu":
+        return f"hidden_act {config.hidden_act!r} is not 'silu'"
+    rope_type = (getattr(config, "rope_parameters", None) or {}).get("rope_type", "default")
+    if rope_type in ("dynamic", "longrope"):
+        return f"rope_type {rope_type!r} depends on the sequence length"
+    for layer in model.model.layers:
+        window = getattr(layer.self_attn, "sliding_window", None)
+        if window is not None and (total_len is None or window <= total_len):
+            return f"sliding window {window} is shorter than the generation ({total_len} tokens)"
+    for name, module in model.named_modules():
+        if module._forward_hooks or module._forward_pre_hooks:
+            return f"module {name or type(model).__name__} has forward hooks (e.g. routing record/replay)"
+    if torch.nn.modules.module._global_forward_hooks or torch.nn.modules.module._global_forward_pre_hooks:
+        return "global module forward hooks are registered"
+    return None
+
+
+def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    # As HF's Qwen3RMSNorm: normalise in float32, cast back, then scale.
+    return weight * F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype)
+
+
+class _Layer:
+    """References to (or per-call concatenations of) one decoder layer's weights."""
+
+    def __init__(self, layer: torch.nn.Module, num_heads: int, num_kv_heads: int):
+        attn = layer.self_attn
+        self.eps = layer.input_layernorm.variance_epsilon
+        self.ln1, self.ln2 = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
+        self.qkv = torch.cat([attn.q_proj.weight, attn.k_proj.weight, attn.v_proj.weight])  # [(Hq+2Hkv)D, d]
+        biases = [attn.q_proj.bias, attn.k_proj.bias, attn.v_proj.bias]
+        self.qkv_bias = torch.cat(biases) if biases[0] is not None else None
+        self.o, self.o_bias = attn.o_proj.weight, attn.o_proj.bias
+        # q_norm / k_norm weights per head, so one norm call covers q and k: [Hq + Hkv, D]
+        self.qk_norm = torch.cat([attn.q_norm.weight.expand(num_heads, -1), attn.k_norm.weight.expand(num_kv_heads, -1)])
+        self.qk_eps = attn.q_norm.variance_epsilon
+        mlp = layer.mlp
+        self.moe = hasattr(mlp, "experts")
+        if self.moe:
+            self.router = mlp.gate.weight  # [E, d]
+            self.top_k = mlp.gate.top_k
+            self.norm_topk = bool(mlp.gate.norm_topk_prob)
+            experts = mlp.experts
+            transposed = getattr(experts, "is_transposed", False)
+            # [E, 2I, d] and [E, d, I] (HF's layout), viewed as the right operand of x @ W: [E, d, 2I], [E, I, d]
+            self.gate_up = experts.gate_up_proj if transposed else experts.gate_up_proj.transpose(1, 2)
+            self.down = experts.down_proj if transposed else experts.down_proj.transpose(1, 2)
+        else:
+            self.gate_up_dense = torch.cat([mlp.gate_proj.weight, mlp.up_proj.weight])  # [2I, d]
+            self.down_dense = mlp.down_proj.weight  # [d, I]
+
+
+class LeanQwen3:
+    """Prefill + decode for one ``generate`` call over a batch of left-padded prompts."""
+
+    def __init__(self, model: torch.nn.Module, batch: int, max_len: int):
+        config = model.config
+        inner = model.model
+        self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
+        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.num_heads
+        self.scale = self.head_dim**-0.5
+        self.embed = inner.embed_tokens.weight  # [V, d]
+        self.norm, self.norm_eps = inner.norm.weight, inner.norm.variance_epsilon
+        self.lm_head = model.lm_head.weight  # [V, d] (the embedding itself when tied)
+        self.layers = [_Layer(layer, self.num_heads, self.num_kv_heads) for layer in inner.layers]
+        self.dtype, self.device = self.embed.dtype, self.embed.device
+        positions = torch.arange(max_len, device=self.device)[None]  # [1, L]
+        cos, sin = inner.rotary_emb(self.embed[:1][None], positions)  # [1, L, D] each, in the model dtype
+        half = self.head_dim // 2
+        # rotate_half(x) * sin == roll(x, D/2) * [-sin_1, sin_2]  (x = [x_1, x_2], rotate_half = [-x_2, x_1])
+        self.cos, self.sin = cos[0], torch.cat([-sin[0, :, :half], sin[0, :, half:]], dim=-1)  # [L, D]
+        shape = (batch, self.num_kv_heads, max_len, self.head_dim)
+        self.keys = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        self.values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
+        self.mask = torch.zeros((batch, max_len), dtype=self.dtype, device=self.device)  # [B, L] additive
+        self.length = 0  # cache columns written
+
+    # --- pieces ---------------------------------------------------------------------------------
+    def _qkv(self, layer: _Layer, h: torch.Tensor, positions: torch.Tensor):
+        """h [N, d], positions [N] -> q [N, Hq, D], k [N, Hkv, D], v [N, Hkv, D] (normed, rotated)."""
+        qkv = F.linear(h, layer.qkv, layer.qkv_bias)  # [N, (Hq + 2Hkv) D]
+        heads = self.num_heads + self.num_kv_heads
+        qk = qkv[:, : heads * self.head_dim].view(-1, heads, self.head_dim)  # [N, Hq+Hkv, D]
+        qk = _rms_norm(qk, layer.qk_norm, layer.qk_eps)
+        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # [N, 1, D]
+        qk = qk * cos + qk.roll(self.head_dim // 2, dims=-1) * sin  # RoPE (Su et al., 2021)
+        v = qkv[:, heads * self.head_dim :].view(-1, self.num_kv_heads, self.head_dim)  # [N, Hkv, D]
+        return qk[:, : self.num_heads], qk[:, self.num_heads :], v
+
+    def _mlp(self, layer: _Layer, h: torch.Tensor) -> torch.Tensor:
+        """h [N, d] -> [N, d]: SwiGLU, dense or top-k mixture of experts."""
+        if not layer.moe:
+            gate, up = F.linear(h, layer.gate_up_dense).chunk(2, dim=-1)  # [N, I] each
+            return F.linear(F.silu(gate) * up, layer.down_dense)
+        n, k = h.shape[0], layer.top_k
+        probs = F.softmax(F.linear(h, layer.router), dim=-1, dtype=torch.float32)  # [N, E]
+        weights, experts = torch.topk(probs, k, dim=-1)  # [N, k]
+        if layer.norm_topk:
+            weights = weights / weights.sum(dim=-1, keepdim=True)  # renormalise over the k chosen experts
+        weights = weights.to(h.dtype)
+        flat = experts.reshape(-1)  # [N k]
+        order = torch.argsort(flat, stable=True)  # (token, slot) pairs grouped by expert
+        counts = torch.bincount(flat, minlength=layer.router.shape[0]).tolist()  # one host sync per layer
+        x = h[order // k]  # [N k, d]
+        out = torch.empty_like(x)  # [N k, d] expert outputs in sorted order
+        start = 0
+        for expert, count in enumerate(counts):
+            if count:
+                rows = slice(start, start + count)
+                gate, up = (x[rows] @ layer.gate_up[expert]).chunk(2, dim=-1)  # [c, I] each
+                out[rows] = (F.silu(gate) * up) @ layer.down[expert]
+                start += count
+        unsorted = torch.empty_like(out)
+        unsorted[order] = out
+        weighted = unsorted.view(n, k, -1) * weights[:, :, None]  # [N, k, d]
+        return weighted.sum(dim=1)  # summed in top-k order, as HF's grouped_mm path
+
+    def _logits(self, h: torch.Tensor) -> torch.Tensor:
+        return F.linear(_rms_norm(h, self.norm, self.norm_eps), self.lm_head)  # [b, V]
+
+    # --- prefill / decode ---------------------------------------------------------------------
+    @torch.inference_mode()
+    def prefill(self, input_ids: torch.Tensor, prompt_mask: torch.Tensor) -> torch.Tensor:
+        """Left-padded prompts input_ids, prompt_mask [B, P] -> next-token logits [B, V]."""
+        batch, prompt_len = input_ids.shape
+        real = prompt_mask.bool()  # [B, P]
+        flat_index = real.reshape(-1).nonzero().squeeze(1)  # [N] real positions in the padded [B*P] layout
+        positions = (prompt_mask.cumsum(-1) - 1).reshape(-1)[flat_index]  # [N]
+        self.mask[:, :prompt_len].masked_fill_(~real, float("-inf"))
+        # a padded query row attends to every key so that its (discarded) softmax stays finite
+        allowed = torch.ones(prompt_len, prompt_len, dtype=torch.bool, device=self.device).tril()  # [P, P]
+        allowed = (allowed & real[:, None, :]) | ~real[:, :, None]  # [B, P, P]
+        allowed = allowed[:, None]  # [B, 1, P, P]
+        x = F.embedding(input_ids.reshape(-1)[flat_index], self.embed)  # [N, d]
+        for index, layer in enumerate(self.layers):
+            h = _rms_norm(x, layer.ln1, layer.eps)
+            q, k, v = self._qkv(layer, h, positions)  # [N, H, D]
+            padded = []
+            for part, heads in ((q, self.num_heads), (k, self.num_kv_heads), (v, self.num_kv_heads)):
+                full = part.new_zeros((batch * prompt_len, heads, self.head_dim))
+                full[flat_index] = part
+                padded.append(full.view(batch, prompt_len, heads, self.head_dim).transpose(1, 2))  # [B, H, P, D]
+            self.keys[index][:, :, :prompt_len] = padded[1]
+            self.values[index][:, :, :prompt_len] = padded[2]
+            attn = F.scaled_dot_product_attention(
+                padded[0], padded[1], padded[2], attn_mask=allowed, scale=self.scale,
+                enable_gqa=self.num_heads != self.num_kv_heads,
+            )  # [B, Hq, P, D]
+            attn = attn.transpose(1, 2).reshape(batch * prompt_len, -1)[flat_index]  # [N, Hq D]
+            x = x + F.linear(attn, layer.o, layer.o_bias)
+            x = x + self._mlp(layer, _rms_norm(x, layer.ln2, layer.eps))
+        self.length = prompt_len
+        last = prompt_mask.sum(-1).cumsum(0) - 1  # [B] each row's last real token in the packed [N] order
+        return self._logits(x[last])
+
+    @torch.inference_mode()
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """One new token per row: tokens, positions [b] -> logits [b, V]; appends one cache column."""
+        b, column = tokens.shape[0], self.length
+        width = column + 1
+        groups = self.num_heads // self.num_kv_heads
+        mask = self.mask[:b, None, None, :width]  # [b, 1, 1, W]
+        x = F.embedding(tokens, self.embed)  # [b, d]
+        for index, layer in enumerate(self.layers):
+            h = _rms_norm(x, layer.ln1, layer.eps)
+            q, k, v = self._qkv(layer, h, positions)  # [b, Hq, D], [b, Hkv, D], [b, Hkv, D]
+            keys, values = self.keys[index], self.values[index]
+            keys[:b, :, column] = k
+            values[:b, :, column] = v
+            if self.dtype == torch.float32:
+                q = q.view(b, self.num_kv_heads, groups, self.head_dim)  # query heads grouped by their K/V head
+                scores = q @ keys[:b, :, :width].transpose(-1, -2) * self.scale + mask  # [b, Hkv, g, W]
+                attn = F.softmax(scores, dim=-1) @ values[:b, :, :width]  # [b, Hkv, g, D]
+            else:  # sdpa keeps the scores in float32, as HF's forward does; bf16 matmul scores would not
+                attn = F.scaled_dot_product_attention(
+                    q[:, :, None], keys[:b, :, :width], values[:b, :, :width], attn_mask=mask, scale=self.scale,
+                    enable_gqa=groups > 1,
+                )  # [b, Hq, 1, D]
+            attn = attn.reshape(b, -1)  # [b, Hq D]
+            x = x + F.linear(attn, layer.o, layer.o_bias)
+            x = x + self._mlp(layer, _rms_norm(x, layer.ln2, layer.eps))
+        self.length = width
+        return self._logits(x)
+
+    def select_rows(self, keep: torch.Tensor) -> None:
+        """Keep only rows ``keep`` [b'] of the batch (in that order): KV cache and mask rows move to the front."""
+        b = keep.shape[0]
+        width = self.length
+        for cache in (*self.keys, *self.values):
+            cache[:b, :, :width] = cache[keep, :, :width]
+        self.mask[:b] = self.mask[keep]

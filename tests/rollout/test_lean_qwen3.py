@@ -1,0 +1,136 @@
+"""The lean Qwen3 / Qwen3-MoE decode path against HF generate and the HF-forward engine path."""
+
+import copy
+
+import pytest
+import torch
+from conftest import VOCAB, teacher_forced_logprobs, tiny_qwen3, tiny_qwen3_moe, tiny_qwen3_vl
+from transformers import Qwen3ForCausalLM, Qwen3MoeForCausalLM
+
+from sapo.models.routing import record_routing
+from sapo.rollout import HFEngine, TorchEngine
+from sapo.rollout.lean_qwen3 import lean_unsupported
+
+UNUSED_EOS = [VOCAB + 7]  # outside the vocabulary: never produced
+
+
+def run(engine, prompts, eos, greedy=True, seed=None, max_new_tokens=12, **options):
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    return engine.generate(prompts, max_new_tokens=max_new_tokens, eos_token_ids=eos, pad_token_id=0,
+                           greedy=greedy, generator=generator, **options)
+
+
+def stopping_eos(model, prompts):
+    """Two EOS ids the model emits mid-decode (greedy), so rows stop at different steps."""
+    free = run(TorchEngine(model, lean=False), prompts, UNUSED_EOS)
+    return [free.completion_ids[1][3], free.completion_ids[3][6]]
+
+
+def test_greedy_matches_hf_generate_and_the_hf_forward_path(model, prompts):
+    eos = stopping_eos(model, prompts)
+    engine = TorchEngine(model)
+    lean = run(engine, prompts, eos)
+    assert engine.last_path == "lean"
+    old, ref = run(TorchEngine(model, lean=False), prompts, eos), run(HFEngine(model), prompts, eos)
+    assert lean.completion_ids == old.completion_ids == ref.completion_ids
+    assert lean.truncated == old.truncated == ref.truncated
+    lengths = sorted(len(c) for c in lean.completion_ids)
+    assert lengths[0] < lengths[-1] and any(lean.truncated) and not all(lean.truncated)
+    for a, b in zip(lean.sampler_logprobs, old.sampler_logprobs):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("options", [{}, {"temperature": 0.7, "top_k": 20}, {"top_p": 0.9}])
+def test_sampled_tokens_equal_the_hf_forward_path_with_the_same_seed(model, prompts, options):
+    eos = stopping_eos(model, prompts)
+    lean = run(TorchEngine(model), prompts, eos, greedy=False, seed=5, **options)
+    old = run(TorchEngine(model, lean=False), prompts, eos, greedy=False, seed=5, **options)
+    assert lean.completion_ids == old.completion_ids and lean.truncated == old.truncated
+    for a, b in zip(lean.sampler_logprobs, old.sampler_logprobs):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0)
+    expected, got = teacher_forced_logprobs(model, lean, temperature=options.get("temperature", 1.0))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+def test_weights_are_read_live_not_copied(prompts):
+    model = tiny_qwen3_moe(seed=3)
+    engine = TorchEngine(model)
+    before = run(engine, prompts, UNUSED_EOS)
+    with torch.no_grad():
+        model.model.layers[0].mlp.experts.gate_up_proj.mul_(3.0)
+        model.model.layers[1].self_attn.k_proj.weight.mul_(-2.0)
+        model.lm_head.weight.add_(0.5 * torch.randn_like(model.lm_head.weight))
+    after = run(engine, prompts, UNUSED_EOS)
+    assert after.completion_ids != before.completion_ids
+    assert after.completion_ids == run(HFEngine(model), prompts, UNUSED_EOS).completion_ids
+
+
+@pytest.mark.parametrize("overrides", [
+    {"norm_topk_prob": True},
+    {"mlp_only_layers": [0]},
+    {"tie_word_embeddings": True, "attention_bias": True},
+])
+def test_moe_config_variants_match_hf_generate(prompts, overrides):
+    config = tiny_qwen3_moe().config
+    config.update(overrides)
+    torch.manual_seed(4)
+    model = Qwen3MoeForCausalLM(config).float()
+    if overrides.get("attention_bias"):
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.self_attn.q_proj.bias.normal_(0, 0.5)
+                layer.self_attn.v_proj.bias.normal_(0, 0.5)
+    engine = TorchEngine(model)
+    assert run(engine, prompts, UNUSED_EOS).completion_ids == run(HFEngine(model), prompts, UNUSED_EOS).completion_ids
+    assert engine.last_path == "lean"
+
+
+def test_bf16_runs_close_to_teacher_forcing(prompts):
+    model = copy.deepcopy(tiny_qwen3_moe()).to(torch.bfloat16)
+    engine = TorchEngine(model)
+    batch = run(engine, prompts, [5, 9], greedy=False, seed=0, max_new_tokens=8)
+    assert engine.last_path == "lean"
+    assert all(0 <= t < VOCAB for row in batch.completion_ids for t in row)
+    expected, got = teacher_forced_logprobs(model, batch, temperature=1.0)
+    assert torch.isfinite(got).all() and (got <= 0).all()
+    assert (got - expected).abs().max() < 0.02  # 0 measured on transformers 5.24; bf16 rounding may move it
+
+
+def test_routing_record_falls_back_to_the_hf_forward(prompts):
+    model = tiny_qwen3_moe()
+    engine = TorchEngine(model)
+    with record_routing(model) as record:
+        batch = run(engine, prompts, UNUSED_EOS, max_new_tokens=4)
+    assert engine.last_path == "hf"
+    assert record.experts.shape == (2, len(prompts), max(map(len, prompts)) + 3, 2)  # prompt + 3 decode inputs
+    assert batch.completion_ids == run(engine, prompts, UNUSED_EOS, max_new_tokens=4).completion_ids
+    assert engine.last_path == "lean"  # the hooks are gone after the context
+
+
+def test_unsupported_models_and_options_fall_back(prompts):
+    dense = tiny_qwen3()
+    assert lean_unsupported(dense) is None
+    assert "Qwen3VLForConditionalGeneration" in lean_unsupported(tiny_qwen3_vl())
+    forced = TorchEngine(dense, lean=False)
+    run(forced, prompts, UNUSED_EOS, max_new_tokens=2)
+    assert forced.last_path == "hf"
+    assert TorchEngine(dense, compile=True).lean is False
+    config = dense.config
+    config = copy.deepcopy(config)
+    config.update({"use_sliding_window": True, "sliding_window": 4,
+                   "layer_types": ["sliding_attention", "full_attention"]})
+    windowed = Qwen3ForCausalLM(config)
+    assert "sliding window 4" in lean_unsupported(windowed, total_len=20)
+    engine = TorchEngine(windowed)
+    assert run(engine, prompts, UNUSED_EOS).completion_ids == run(HFEngine(windowed), prompts, UNUSED_EOS).completion_ids
+    assert engine.last_path == "hf"
+    config.update({"sliding_window": 64})  # wider than prompt + completion: plain causal attention
+    assert lean_unsupported(Qwen3ForCausalLM(config), total_len=19) is None
+    assert "dtype torch.float64" in lean_unsupported(copy.deepcopy(dense).double())
+
+
+def test_single_token_and_single_row(model):
+    engine = TorchEngine(model)
+    one = run(engine, [[4, 5, 6]], UNUSED_EOS, max_new_tokens=1)
+    assert engine.last_path == "lean" and len(one.completion_ids[0]) == 1
+    assert one.completion_ids == run(HFEngine(model), [[4, 5, 6]], UNUSED_EOS, max_new_tokens=1).completion_ids
