@@ -203,8 +203,9 @@ class LeanQwen3:
         return self._logits(x[last])
 
     @torch.inference_mode()
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """One new token per row: tokens, positions [b] -> logits [b, V]; appends one cache column."""
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """One new token per cached row: tokens, positions [b] -> logits [b, V] (only ``rows`` [b'] of
+        them when given: [b', V]); appends one cache column."""
         b, column = tokens.shape[0], self.length
         width = column + 1
         groups = self.num_heads // self.num_kv_heads
@@ -216,20 +217,20 @@ class LeanQwen3:
             keys, values = self.keys[index], self.values[index]
             keys[:b, :, column] = k
             values[:b, :, column] = v
+            # The g query heads sharing a K/V head act as g queries of that head: [b, Hkv, g, D].
+            q = q.view(b, self.num_kv_heads, groups, self.head_dim)
             if self.dtype == torch.float32:
-                q = q.view(b, self.num_kv_heads, groups, self.head_dim)  # query heads grouped by their K/V head
                 scores = q @ keys[:b, :, :width].transpose(-1, -2) * self.scale + mask  # [b, Hkv, g, W]
                 attn = F.softmax(scores, dim=-1) @ values[:b, :, :width]  # [b, Hkv, g, D]
             else:  # sdpa keeps the scores in float32, as HF's forward does; bf16 matmul scores would not
                 attn = F.scaled_dot_product_attention(
-                    q[:, :, None], keys[:b, :, :width], values[:b, :, :width], attn_mask=mask, scale=self.scale,
-                    enable_gqa=groups > 1,
-                )  # [b, Hq, 1, D]
+                    q, keys[:b, :, :width], values[:b, :, :width], attn_mask=mask, scale=self.scale
+                )  # [b, Hkv, g, D] (3x faster on CPU than sdpa's enable_gqa over [b, Hq, 1, D])
             attn = attn.reshape(b, -1)  # [b, Hq D]
             x = x + F.linear(attn, layer.o, layer.o_bias)
             x = x + self._mlp(layer, _rms_norm(x, layer.ln2, layer.eps))
         self.length = width
-        return self._logits(x)
+        return self._logits(x if rows is None else x[rows])
 
     def select_rows(self, keep: torch.Tensor) -> None:
         """Keep only rows ``keep`` [b'] of the batch (in that order): KV cache and mask rows move to the front."""

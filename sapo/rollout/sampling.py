@@ -46,7 +46,7 @@ def sample_tokens(
     ``torch.multinomial`` draw per vocabulary entry, 5-20x slower on CPU), no host sync, and never picks
     a zero-probability (filtered) token. The float32 cumsum shifts token probabilities by ~1e-6.
     """
-    scaled = logits.float() / temperature  # [N, V]
+    scaled = logits.float() if temperature == 1.0 else logits.float() / temperature  # [N, V] (x / 1 is x)
     logprobs = torch.log_softmax(scaled, dim=-1)  # [N, V]
     if greedy:
         tokens = scaled.argmax(dim=-1)  # [N]

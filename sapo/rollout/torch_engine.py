@@ -219,23 +219,38 @@ class TorchEngine:
 
 
 class _LeanForward:
-    """Prefill / decode / row selection on ``LeanQwen3``."""
+    """Prefill / decode / row selection on ``LeanQwen3``.
+
+    Finished rows are dropped from the KV cache lazily: a compaction copies every layer's cache, so it
+    waits until a fraction ``COMPACT_FRACTION`` of the cached rows are finished; until then those rows
+    still run through the layers (their outputs are ignored) and only live rows reach the LM head.
+    """
+
+    COMPACT_FRACTION = 0.125
 
     def __init__(self, model, input_ids, prompt_mask, max_new_tokens):
         self.input_ids, self.prompt_mask = input_ids, prompt_mask
         self.net = LeanQwen3(model, input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
-        self.next_position = prompt_mask.sum(-1)  # [B] positions count real tokens only
+        self.positions = prompt_mask.sum(-1)  # [B'] next position of each cached row (real tokens only)
+        self.live = torch.arange(input_ids.shape[0], device=input_ids.device)  # cached row of each live row
+        self.tokens = torch.zeros_like(self.positions)  # [B'] input tokens of the cached rows
 
     def prefill(self) -> torch.Tensor:
         return self.net.prefill(self.input_ids, self.prompt_mask)
 
     def select_rows(self, keep: torch.Tensor) -> None:
-        self.next_position = self.next_position[keep]
-        self.net.select_rows(keep)
+        self.live = self.live[keep]
+        cached = self.positions.shape[0]
+        if (cached - self.live.shape[0]) >= self.COMPACT_FRACTION * cached:
+            self.net.select_rows(self.live)
+            self.positions = self.positions[self.live]
+            self.tokens = self.tokens[: self.live.shape[0]]
+            self.live = torch.arange(self.live.shape[0], device=self.live.device)
 
     def decode(self, token: torch.Tensor, step: int) -> torch.Tensor:
-        logits = self.net.decode(token, self.next_position)
-        self.next_position = self.next_position + 1
+        self.tokens[self.live] = token
+        logits = self.net.decode(self.tokens, self.positions, self.live)  # [b, V], live rows only
+        self.positions = self.positions + 1
         return logits
 
 
