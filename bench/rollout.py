@@ -1,13 +1,17 @@
 """Rollout throughput: our torch engine vs HF ``generate`` on the same model and prompts, same run.
 
-Runs alternate (hf, torch, hf, torch, ...) after one warm-up each; the table shows median generated
-tokens/s (completion tokens actually returned, EOS included) and the ratio torch / hf.
+Three engines: ``hf`` (HF ``generate``), ``torch-hf`` (``TorchEngine(lean=False)``: our decode loop around
+the HF model forward) and ``torch-lean`` (``TorchEngine``'s default: the lean Qwen3 forward of
+``sapo.rollout.lean_qwen3``). Runs alternate (hf, torch-hf, torch-lean, hf, ...) after one warm-up each;
+the table shows median generated tokens/s (completion tokens actually returned, EOS included) and each
+torch engine's ratio to hf.
 
 Two EOS settings per model: ``eos=1 id`` (a random model almost never emits it, so every row runs to
 max_new_tokens) and ``eos=V/64 ids`` (each step stops a row with probability ~1/64, so completion lengths
 spread out as in RL rollouts; this is where finished rows leaving the batch pays).
 
     python bench/rollout.py                       # CPU: tiny Qwen3-MoE and a small dense Qwen3, fp32
+    python bench/rollout.py --dtype bfloat16      # the same in bf16
     python bench/rollout.py --device cuda         # GPU: Qwen3-0.6B-shaped random model, bf16, 64 x 256
 """
 
@@ -20,7 +24,9 @@ import time
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-from sapo.rollout import make_engine
+from sapo.rollout import TorchEngine, make_engine
+
+ENGINES = ("hf", "torch-hf", "torch-lean")
 
 
 def cpu_models() -> dict[str, torch.nn.Module]:
@@ -68,12 +74,14 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--cache", default="static", choices=["static", "dynamic"])
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step (GPU)")
+    parser.add_argument("--dtype", default=None, choices=["float32", "bfloat16"],
+                        help="default float32 on CPU, bfloat16 on CUDA")
     parser.add_argument("--threads", type=int, default=1,
                         help="CPU threads (default 1: the 2-core dev machine is shared, more threads only add noise)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     args.new_tokens = args.new_tokens or (256 if args.device == "cuda" else 96)
-    dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if args.device == "cuda" else torch.float32)
     torch.manual_seed(0)
     models = gpu_models() if args.device == "cuda" else cpu_models()
 
@@ -84,29 +92,40 @@ def main() -> None:
         g = torch.Generator().manual_seed(0)
         lengths = torch.randint(16, 65, (args.batch,), generator=g).tolist()  # prompts of 16..64 tokens
         prompts = [torch.randint(1, vocab, (n,), generator=g).tolist() for n in lengths]
-        engines = {"hf": make_engine("hf", model), "torch": make_engine("torch", model, cache=args.cache,
-                                                                          compile=args.compile)}
+        engines = {
+            "hf": make_engine("hf", model),
+            "torch-hf": TorchEngine(model, cache=args.cache, compile=args.compile, lean=False),
+            "torch-lean": TorchEngine(model, cache=args.cache),
+        }
         for eos_label, eos_ids in (("1 id", [vocab - 1]), ("V/64 ids", list(range(vocab - vocab // 64, vocab)))):
-            speeds: dict[str, list[float]] = {"hf": [], "torch": []}
-            tokens: dict[str, list[int]] = {"hf": [], "torch": []}
+            speeds: dict[str, list[float]] = {engine_name: [] for engine_name in ENGINES}
+            tokens: dict[str, list[int]] = {engine_name: [] for engine_name in ENGINES}
             for repeat in range(args.repeats + 1):  # repeat 0 is the warm-up
                 for engine_name, engine in engines.items():
                     seconds, n_tokens = timed_run(engine, prompts, eos_ids, args, seed=repeat)
                     if repeat > 0:
                         speeds[engine_name].append(n_tokens / seconds)
                         tokens[engine_name].append(n_tokens)
-            hf, ours = statistics.median(speeds["hf"]), statistics.median(speeds["torch"])
-            rows.append((name, eos_label, statistics.median(tokens["hf"]), statistics.median(tokens["torch"]),
-                         hf, ours, ours / hf))
-            print(f"{name} eos={eos_label}: hf {hf:.0f} tok/s, torch {ours:.0f} tok/s, x{ours / hf:.2f}", flush=True)
+            if engines["torch-lean"].last_path != "lean":
+                print(f"warning: {name} did not run on the lean path (see sapo.rollout.lean_qwen3.lean_unsupported)")
+            median = {engine_name: statistics.median(speeds[engine_name]) for engine_name in ENGINES}
+            median_tokens = {engine_name: statistics.median(tokens[engine_name]) for engine_name in ENGINES}
+            rows.append((name, eos_label, median_tokens, median))
+            print(f"{name} eos={eos_label}: " + ", ".join(f"{e} {median[e]:.0f} tok/s" for e in ENGINES)
+                  + f"; torch-hf x{median['torch-hf'] / median['hf']:.2f}, "
+                  f"torch-lean x{median['torch-lean'] / median['hf']:.2f}", flush=True)
 
     print(f"\ndevice={args.device} dtype={dtype} batch={args.batch} new_tokens={args.new_tokens} "
           f"cache={args.cache} compile={args.compile} threads={torch.get_num_threads()} repeats={args.repeats}")
-    header = f"{'model':<18} {'eos':<9} {'hf tokens':>9} {'ours tokens':>11} {'hf tok/s':>9} {'ours tok/s':>10} {'ratio':>6}"
+    header = (f"{'model':<18} {'eos':<9} {'tokens hf/thf/lean':>20} {'hf tok/s':>9} {'torch-hf':>9} "
+              f"{'torch-lean':>10} {'thf/hf':>7} {'lean/hf':>7}")
     print(header)
     print("-" * len(header))
-    for name, eos_label, hf_tokens, our_tokens, hf, ours, ratio in rows:
-        print(f"{name:<18} {eos_label:<9} {hf_tokens:>9.0f} {our_tokens:>11.0f} {hf:>9.0f} {ours:>10.0f} {ratio:>6.2f}")
+    for name, eos_label, n_tokens, median in rows:
+        counts = "/".join(f"{n_tokens[e]:.0f}" for e in ENGINES)
+        hf = median["hf"]
+        print(f"{name:<18} {eos_label:<9} {counts:>20} {hf:>9.0f} {median['torch-hf']:>9.0f} "
+              f"{median['torch-lean']:>10.0f} {median['torch-hf'] / hf:>7.2f} {median['torch-lean'] / hf:>7.2f}")
 
 
 if __name__ == "__main__":

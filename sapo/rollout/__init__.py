@@ -16,7 +16,8 @@ DEFAULT_ENGINE = "torch"
 def make_engine(name: str, model: torch.nn.Module, **options) -> RolloutEngine:
     """Build the engine called ``name`` around the live model: "torch" (``DEFAULT_ENGINE``) or "hf".
 
-    ``options`` go to the engine's constructor (TorchEngine: ``cache="static"|"dynamic"``, ``compile``).
+    ``options`` go to the engine's constructor (TorchEngine: ``cache="static"|"dynamic"``, ``compile``,
+    ``lean`` (default True: the lean Qwen3 forward where supported)).
     """
     if name not in ENGINES:
         raise ValueError(f"unknown rollout engine {name!r}; choose one of {sorted(ENGINES)}")

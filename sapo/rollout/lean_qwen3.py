@@ -53,6 +53,16 @@ def lean_unsupported(model: torch.nn.Module, total_len: int | None = None) -> st
     if rope_type in ("dynamic", "longrope"):
         return f"rope_type {rope_type!r} depends on the sequence length"
     for layer in model.model.layers:
+        if not all(hasattr(layer.self_attn, name) for name in ("q_norm", "k_norm", "q_proj", "o_proj")):
+            return f"attention {type(layer.self_attn).__name__} has no q_proj/o_proj/q_norm/k_norm"
+        experts = getattr(layer.mlp, "experts", None)
+        if experts is not None and not (
+            isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor)
+            and isinstance(getattr(experts, "down_proj", None), torch.Tensor)
+            and getattr(experts, "gate_up_proj_bias", None) is None
+            and all(hasattr(layer.mlp.gate, name) for name in ("weight", "top_k", "norm_topk_prob"))
+        ):
+            return f"MoE layout {type(experts).__name__} is not fused 3-D gate_up_proj/down_proj without bias"
         window = getattr(layer.self_attn, "sliding_window", None)
         if window is not None and (total_len is None or window <= total_len):
             return f"sliding window {window} is shorter than the generation ({total_len} tokens)"
@@ -125,13 +135,17 @@ class LeanQwen3:
         self.length = 0  # cache columns written
 
     # --- pieces ---------------------------------------------------------------------------------
-    def _qkv(self, layer: _Layer, h: torch.Tensor, positions: torch.Tensor):
-        """h [N, d], positions [N] -> q [N, Hq, D], k [N, Hkv, D], v [N, Hkv, D] (normed, rotated)."""
+    def _rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, signed sin [N, 1, D] of positions [N], shared by every layer."""
+        return self.cos[positions][:, None], self.sin[positions][:, None]
+
+    def _qkv(self, layer: _Layer, h: torch.Tensor, rotary: tuple[torch.Tensor, torch.Tensor]):
+        """h [N, d] -> q [N, Hq, D], k [N, Hkv, D], v [N, Hkv, D] (normed, rotated)."""
         qkv = F.linear(h, layer.qkv, layer.qkv_bias)  # [N, (Hq + 2Hkv) D]
         heads = self.num_heads + self.num_kv_heads
         qk = qkv[:, : heads * self.head_dim].view(-1, heads, self.head_dim)  # [N, Hq+Hkv, D]
         qk = _rms_norm(qk, layer.qk_norm, layer.qk_eps)
-        cos, sin = self.cos[positions][:, None], self.sin[positions][:, None]  # [N, 1, D]
+        cos, sin = rotary  # [N, 1, D]
         qk = qk * cos + qk.roll(self.head_dim // 2, dims=-1) * sin  # RoPE (Su et al., 2021)
         v = qkv[:, heads * self.head_dim :].view(-1, self.num_kv_heads, self.head_dim)  # [N, Hkv, D]
         return qk[:, : self.num_heads], qk[:, self.num_heads :], v
@@ -181,9 +195,10 @@ class LeanQwen3:
         allowed = (allowed & real[:, None, :]) | ~real[:, :, None]  # [B, P, P]
         allowed = allowed[:, None]  # [B, 1, P, P]
         x = F.embedding(input_ids.reshape(-1)[flat_index], self.embed)  # [N, d]
+        rotary = self._rotary(positions)
         for index, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.ln1, layer.eps)
-            q, k, v = self._qkv(layer, h, positions)  # [N, H, D]
+            q, k, v = self._qkv(layer, h, rotary)  # [N, H, D]
             padded = []
             for part, heads in ((q, self.num_heads), (k, self.num_kv_heads), (v, self.num_kv_heads)):
                 full = part.new_zeros((batch * prompt_len, heads, self.head_dim))
@@ -211,9 +226,10 @@ class LeanQwen3:
         groups = self.num_heads // self.num_kv_heads
         mask = self.mask[:b, None, None, :width]  # [b, 1, 1, W]
         x = F.embedding(tokens, self.embed)  # [b, d]
+        rotary = self._rotary(positions)
         for index, layer in enumerate(self.layers):
             h = _rms_norm(x, layer.ln1, layer.eps)
-            q, k, v = self._qkv(layer, h, positions)  # [b, Hq, D], [b, Hkv, D], [b, Hkv, D]
+            q, k, v = self._qkv(layer, h, rotary)  # [b, Hq, D], [b, Hkv, D], [b, Hkv, D]
             keys, values = self.keys[index], self.values[index]
             keys[:b, :, column] = k
             values[:b, :, column] = v

@@ -4,14 +4,20 @@ One batched prefill over left-padded prompts (position ids counted over real tok
 per new token through a KV cache. Rows that produce an EOS token leave the batch: their KV-cache rows,
 attention-mask rows and positions are dropped, so later steps only compute on live rows.
 
-KV cache: ``cache="static"`` (default) preallocates [B, H, P + max_new_tokens, D] per layer and writes
-each step in place; ``cache="dynamic"`` uses HF's ``DynamicCache``, which concatenates (copies the
-whole cache) every step. On the 2-core CPU at 64 x 96 tokens the two measured the same (within noise);
-the static one avoids a per-step copy that grows with length. Models with sliding-window or
-linear-attention layers always use the dynamic one.
+Two forwards behind the same loop (same sampling, same generator draws):
 
-Measured on CPU, a generate call costs ~6-10% more than the bare decode forwards it runs (sampling,
-bookkeeping): the HF model forward is the floor. ``compile=True`` (torch.compile, dynamic shapes) is
+- lean (default for Qwen3 / Qwen3-MoE text models): ``sapo.rollout.lean_qwen3.LeanQwen3``, plain tensor
+  ops on the model's live weights, its own preallocated KV cache, prefill on real tokens only; finished
+  rows leave its cache once 1/8 of the cached rows are finished (``_LeanForward.COMPACT_FRACTION``).
+  1.7-2.7x HF ``generate`` on the CPU benchmark (bench/RESULTS.md), against 1.3-2.0x for the HF forward.
+- HF forward (``lean=False``, or whatever ``lean_unsupported`` refuses: other architectures, forward hooks
+  such as routing record/replay, peft wrappers, sliding windows, multimodal extra inputs, ``compile``).
+
+KV cache of the HF forward: ``cache="static"`` (default) preallocates [B, H, P + max_new_tokens, D] per
+layer and writes each step in place; ``cache="dynamic"`` uses HF's ``DynamicCache``, which concatenates
+(copies the whole cache) every step. On the 2-core CPU at 64 x 96 tokens the two measured the same (within
+noise); the static one avoids a per-step copy that grows with length. Models with sliding-window or
+linear-attention layers always use the dynamic one. ``compile=True`` (torch.compile, dynamic shapes) is
 checked for equal tokens on CPU only (slow test); CUDA graphs are not implemented.
 
 Multimodal prompts (Qwen3-VL: ``pixel_values``, ``image_grid_thw``, ``mm_token_type_ids`` in
