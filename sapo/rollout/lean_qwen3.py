@@ -26,6 +26,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from sapo.models.routing import UNSET, routing_dtype
+
 SUPPORTED_MODEL_TYPES = ("qwen3", "qwen3_moe")
 SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 SUPPORTED_CLASSES = ("Qwen3ForCausalLM", "Qwen3MoeForCausalLM")
@@ -112,7 +114,7 @@ class _Layer:
 class LeanQwen3:
     """Prefill + decode for one ``generate`` call over a batch of left-padded prompts."""
 
-    def __init__(self, model: torch.nn.Module, batch: int, max_len: int):
+    def __init__(self, model: torch.nn.Module, batch: int, max_len: int, record_experts: bool = False):
         config = model.config
         inner = model.model
         self.num_heads, self.num_kv_heads = config.num_attention_heads, config.num_key_value_heads
@@ -133,6 +135,14 @@ class LeanQwen3:
         self.values = [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.layers]
         self.mask = torch.zeros((batch, max_len), dtype=self.dtype, device=self.device)  # [B, L] additive
         self.length = 0  # cache columns written
+        # Experts chosen per MoE layer at each fed position [L_moe, B, L - 1, k]; -1 where nothing was fed.
+        self.routing = None
+        moe = [layer for layer in self.layers if layer.moe]
+        if record_experts and moe:
+            shape = (len(moe), batch, max_len - 1, moe[0].top_k)
+            store = routing_dtype(moe[0].router.shape[0])
+            self.routing = torch.full(shape, UNSET, dtype=store, device=self.device)
+        self.moe_index = {id(layer): index for index, layer in enumerate(moe)}
 
     # --- pieces ---------------------------------------------------------------------------------
     def _rotary(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -150,11 +160,11 @@ class LeanQwen3:
         v = qkv[:, heads * self.head_dim :].view(-1, self.num_kv_heads, self.head_dim)  # [N, Hkv, D]
         return qk[:, : self.num_heads], qk[:, self.num_heads :], v
 
-    def _mlp(self, layer: _Layer, h: torch.Tensor) -> torch.Tensor:
-        """h [N, d] -> [N, d]: SwiGLU, dense or top-k mixture of experts."""
+    def _mlp(self, layer: _Layer, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """h [N, d] -> ([N, d], the chosen experts [N, k] or None): SwiGLU, dense or top-k mixture of experts."""
         if not layer.moe:
             gate, up = F.linear(h, layer.gate_up_dense).chunk(2, dim=-1)  # [N, I] each
-            return F.linear(F.silu(gate) * up, layer.down_dense)
+            return F.linear(F.silu(gate) * up, layer.down_dense), None
         n, k = h.shape[0], layer.top_k
         probs = F.softmax(F.linear(h, layer.router), dim=-1, dtype=torch.float32)  # [N, E]
         weights, experts = torch.topk(probs, k, dim=-1)  # [N, k]
@@ -176,7 +186,7 @@ class LeanQwen3:
         unsorted = torch.empty_like(out)
         unsorted[order] = out
         weighted = unsorted.view(n, k, -1) * weights[:, :, None]  # [N, k, d]
-        return weighted.sum(dim=1)  # summed in top-k order, as HF's grouped_mm path
+        return weighted.sum(dim=1), experts  # summed in top-k order, as HF's grouped_mm path
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
         return F.linear(_rms_norm(h, self.norm, self.norm_eps), self.lm_head)  # [b, V]
@@ -212,15 +222,22 @@ class LeanQwen3:
             )  # [B, Hq, P, D]
             attn = attn.transpose(1, 2).reshape(batch * prompt_len, -1)[flat_index]  # [N, Hq D]
             x = x + F.linear(attn, layer.o, layer.o_bias)
-            x = x + self._mlp(layer, _rms_norm(x, layer.ln2, layer.eps))
+            out, experts = self._mlp(layer, _rms_norm(x, layer.ln2, layer.eps))
+            x = x + out
+            if self.routing is not None and experts is not None:
+                self.routing[self.moe_index[id(layer)], flat_index // prompt_len, flat_index % prompt_len] = (
+                    experts.to(self.routing.dtype)
+                )
         self.length = prompt_len
         last = prompt_mask.sum(-1).cumsum(0) - 1  # [B] each row's last real token in the packed [N] order
         return self._logits(x[last])
 
     @torch.inference_mode()
-    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, rows: torch.Tensor | None = None,
+               batch_rows: torch.Tensor | None = None) -> torch.Tensor:
         """One new token per cached row: tokens, positions [b] -> logits [b, V] (only ``rows`` [b'] of
-        them when given: [b', V]); appends one cache column."""
+        them when given: [b', V]); appends one cache column. ``batch_rows`` [b']: the rows of the original
+        batch that ``rows`` hold, where their experts are recorded."""
         b, column = tokens.shape[0], self.length
         width = column + 1
         groups = self.num_heads // self.num_kv_heads
@@ -244,7 +261,11 @@ class LeanQwen3:
                 )  # [b, Hkv, g, D] (3x faster on CPU than sdpa's enable_gqa over [b, Hq, 1, D])
             attn = attn.reshape(b, -1)  # [b, Hq D]
             x = x + F.linear(attn, layer.o, layer.o_bias)
-            x = x + self._mlp(layer, _rms_norm(x, layer.ln2, layer.eps))
+            out, experts = self._mlp(layer, _rms_norm(x, layer.ln2, layer.eps))
+            x = x + out
+            if self.routing is not None and experts is not None:
+                chosen = experts if rows is None else experts[rows]
+                self.routing[self.moe_index[id(layer)], batch_rows, column] = chosen.to(self.routing.dtype)
         self.length = width
         return self._logits(x if rows is None else x[rows])
 

@@ -30,6 +30,7 @@ Models that take extra inputs but have no ``get_rope_index`` raise NotImplemente
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 
 import torch
@@ -37,6 +38,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from sapo.models.routing import moe_layers, pad_routing, record_routing
 from sapo.rollout.base import RolloutBatch, check_generate_args, collate_extra_inputs, left_pad
 from sapo.rollout.lean_qwen3 import LeanQwen3, lean_unsupported
 from sapo.rollout.sampling import sample_tokens
@@ -128,12 +130,24 @@ class TorchEngine:
     windows, extra inputs, ``compile=True``), on the HF forward. ``lean=False`` always uses the HF forward.
     ``compile=True`` wraps the HF decode forward in ``torch.compile`` (GPU; the first call is slow).
     ``last_path`` is "lean" or "hf": the path the latest ``generate`` call took.
+
+    ``record_experts=True`` (MoE models, R3 routing replay) keeps the experts every MoE layer chose during
+    the latest ``generate`` in ``last_routing``: [L_moe, B, P + max_new_tokens - 1, k] (int8 or int16), the
+    columns of ``RolloutBatch.to_padded`` (prompts left-padded to the longest, P), -1 where no token was
+    fed (left padding on the lean path, finished rows, the last sampled token): the layout of
+    ``sapo.models.routing.RoutingRecord.experts``, recorded by the lean forward itself, or by
+    ``record_routing`` hooks on the HF path.
     """
 
-    def __init__(self, model: torch.nn.Module, *, cache: str = "static", compile: bool = False, lean: bool = True):
+    def __init__(self, model: torch.nn.Module, *, cache: str = "static", compile: bool = False, lean: bool = True,
+                 record_experts: bool = False):
         if cache not in ("static", "dynamic"):
             raise ValueError(f"cache must be 'static' or 'dynamic', got {cache!r}")
+        if record_experts and not moe_layers(model):
+            raise ValueError(f"record_experts=True needs an MoE model; {type(model).__name__} has no top-k router")
         self.model = model
+        self.record_experts = record_experts
+        self.last_routing: torch.Tensor | None = None
         self.cache_kind = cache
         self.lean = lean and not compile
         self.last_path: str | None = None
@@ -190,9 +204,20 @@ class TorchEngine:
         use_lean = self.lean and extra_inputs is None and lean_unsupported(self.model, prompt_len + max_new_tokens) is None
         self.last_path = "lean" if use_lean else "hf"
         if use_lean:
-            forward = _LeanForward(self.model, input_ids, prompt_mask, max_new_tokens)
+            forward = _LeanForward(self.model, input_ids, prompt_mask, max_new_tokens, self.record_experts)
         else:
             forward = _HFForward(self, input_ids, prompt_mask, max_new_tokens, extra_inputs, prompt_ids, mrope_model)
+        with record_routing(self.model) if self.record_experts and not use_lean else contextlib.nullcontext() as record:
+            outputs = self._loop(forward, batch, max_new_tokens, temperature, top_p, top_k, eos_token_ids,
+                                 pad_token_id, greedy, generator, record)
+        if self.record_experts:
+            routing = forward.net.routing if use_lean else pad_routing(record.experts, prompt_len + max_new_tokens - 1)
+            self.last_routing = routing.cpu()
+        return outputs
+
+    def _loop(self, forward, batch, max_new_tokens, temperature, top_p, top_k, eos_token_ids, pad_token_id, greedy,
+              generator, record):
+        device = forward.input_ids.device
         eos = torch.tensor(eos_token_ids, dtype=torch.long, device=device)
 
         out_tokens = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
@@ -218,9 +243,11 @@ class TorchEngine:
                     break
                 rows, token = rows[keep], token[keep]
                 forward.select_rows(keep)  # finished rows leave the KV cache: later steps skip them
+                if record is not None:
+                    record.select_rows(rows)  # the hooks' record: later forwards cover these rows only
             if step == max_new_tokens - 1:
                 break
-            logits = forward.decode(token, step)  # [b, V]
+            logits = forward.decode(token, step, rows)  # [b, V]
         return out_tokens.cpu(), out_logprobs.cpu(), lengths.cpu(), hit_eos.cpu()
 
 
@@ -234,9 +261,9 @@ class _LeanForward:
 
     COMPACT_FRACTION = 0.125
 
-    def __init__(self, model, input_ids, prompt_mask, max_new_tokens):
+    def __init__(self, model, input_ids, prompt_mask, max_new_tokens, record_experts):
         self.input_ids, self.prompt_mask = input_ids, prompt_mask
-        self.net = LeanQwen3(model, input_ids.shape[0], input_ids.shape[1] + max_new_tokens)
+        self.net = LeanQwen3(model, input_ids.shape[0], input_ids.shape[1] + max_new_tokens, record_experts)
         self.positions = prompt_mask.sum(-1)  # [B'] next position of each cached row (real tokens only)
         self.live = torch.arange(input_ids.shape[0], device=input_ids.device)  # cached row of each live row
         self.tokens = torch.zeros_like(self.positions)  # [B'] input tokens of the cached rows
@@ -253,9 +280,9 @@ class _LeanForward:
             self.tokens = self.tokens[: self.live.shape[0]]
             self.live = torch.arange(self.live.shape[0], device=self.live.device)
 
-    def decode(self, token: torch.Tensor, step: int) -> torch.Tensor:
+    def decode(self, token: torch.Tensor, step: int, rows: torch.Tensor) -> torch.Tensor:
         self.tokens[self.live] = token
-        logits = self.net.decode(self.tokens, self.positions, self.live)  # [b, V], live rows only
+        logits = self.net.decode(self.tokens, self.positions, self.live, rows)  # [b, V], live rows only
         self.positions = self.positions + 1
         return logits
 
@@ -297,7 +324,7 @@ class _HFForward:
         self.attention_mask = self.attention_mask[keep]
         _select_rows(self.cache, keep)
 
-    def decode(self, token: torch.Tensor, step: int) -> torch.Tensor:
+    def decode(self, token: torch.Tensor, step: int, rows: torch.Tensor) -> torch.Tensor:
         width = self.prompt_len + step + 1
         self.attention_mask[:, width - 1] = 1
         mask = self.attention_mask

@@ -134,3 +134,40 @@ def test_single_token_and_single_row(model):
     one = run(engine, [[4, 5, 6]], UNUSED_EOS, max_new_tokens=1)
     assert engine.last_path == "lean" and len(one.completion_ids[0]) == 1
     assert one.completion_ids == run(HFEngine(model), [[4, 5, 6]], UNUSED_EOS, max_new_tokens=1).completion_ids
+
+
+def _fed_positions(batch, width):
+    """[B, width] True where a token was fed to the model: real prompt tokens and every completion token
+    but the last, in the left-padded layout of ``RolloutBatch.to_padded``."""
+    prompt_len = max(len(p) for p in batch.prompt_ids)
+    fed = torch.zeros(len(batch), width, dtype=torch.bool)
+    for i, (prompt, completion) in enumerate(zip(batch.prompt_ids, batch.completion_ids)):
+        fed[i, prompt_len - len(prompt) : prompt_len + len(completion) - 1] = True
+    return fed
+
+
+def test_recorded_experts_match_the_hf_path_and_a_teacher_forced_forward(prompts):
+    model = tiny_qwen3_moe()
+    eos = stopping_eos(model, prompts)
+    lean_engine = TorchEngine(model, record_experts=True)
+    hf_engine = TorchEngine(model, lean=False, record_experts=True)
+    lean, old = run(lean_engine, prompts, eos), run(hf_engine, prompts, eos)
+    assert lean_engine.last_path == "lean" and hf_engine.last_path == "hf"
+    assert lean.completion_ids == old.completion_ids and not all(lean.truncated)
+    width = max(map(len, prompts)) + 12 - 1
+    assert lean_engine.last_routing.shape == hf_engine.last_routing.shape == (2, len(prompts), width, 2)
+    assert lean_engine.last_routing.dtype == torch.int8
+    fed = _fed_positions(lean, width)
+    assert torch.equal(lean_engine.last_routing[:, fed], hf_engine.last_routing[:, fed])
+    assert (lean_engine.last_routing[:, ~fed] == -1).all()  # padding, finished rows, the last token
+    packed = lean.to_padded(pad_id=0)
+    with torch.no_grad(), record_routing(model) as full:
+        model(input_ids=packed["input_ids"], attention_mask=packed["attention_mask"],
+              position_ids=packed["position_ids"])
+    assert full.experts.shape[2] == width + 1  # P + 12 columns; the last token is never fed to the sampler
+    assert torch.equal(full.experts[:, :, :width][:, fed], lean_engine.last_routing[:, fed])
+
+
+def test_record_experts_needs_an_moe_model():
+    with pytest.raises(ValueError, match="needs an MoE model"):
+        TorchEngine(tiny_qwen3(), record_experts=True)
