@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
 from sapo.models.routing import UNSET, routing_dtype
 
@@ -57,6 +58,13 @@ def lean_unsupported(model: torch.nn.Module, total_len: int | None = None) -> st
     for layer in model.model.layers:
         if not all(hasattr(layer.self_attn, name) for name in ("q_norm", "k_norm", "q_proj", "o_proj")):
             return f"attention {type(layer.self_attn).__name__} has no q_proj/o_proj/q_norm/k_norm"
+        linears = [getattr(layer.self_attn, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
+        linears += [getattr(layer.mlp, name) for name in ("gate_proj", "up_proj", "down_proj") if hasattr(layer.mlp, name)]
+        if any(type(linear) is not torch.nn.Linear for linear in linears):  # e.g. a LoRA-wrapped projection
+            wrapped = next(type(m) for m in linears if type(m) is not torch.nn.Linear)
+            return f"a projection is a {wrapped.__module__}.{wrapped.__name__}, not a plain nn.Linear"
+        if any(parametrize.is_parametrized(module) for module in layer.modules()):
+            return "a parametrized module (e.g. LoRA on fused experts) would be read without its parametrization"
         experts = getattr(layer.mlp, "experts", None)
         if experts is not None and not (
             isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor)

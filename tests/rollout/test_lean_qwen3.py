@@ -171,3 +171,17 @@ def test_recorded_experts_match_the_hf_path_and_a_teacher_forced_forward(prompts
 def test_record_experts_needs_an_moe_model():
     with pytest.raises(ValueError, match="needs an MoE model"):
         TorchEngine(tiny_qwen3(), record_experts=True)
+
+
+def test_lora_wrapped_models_fall_back(prompts):
+    pytest.importorskip("peft")
+    from sapo.models.lora import apply_lora
+
+    wrapped = apply_lora(tiny_qwen3_moe(), 2, 4.0, target_modules=("q_proj", "v_proj"))
+    assert "PeftModel" in lean_unsupported(wrapped)
+    assert "not a plain nn.Linear" in lean_unsupported(wrapped.base_model.model)
+    experts = apply_lora(tiny_qwen3_moe(), 2, 4.0, target_modules=[], target_parameters=["mlp.experts.gate_up_proj"])
+    assert lean_unsupported(experts.base_model.model) is not None
+    engine = TorchEngine(wrapped)
+    run(engine, prompts, UNUSED_EOS, max_new_tokens=2)
+    assert engine.last_path == "hf"
