@@ -5,7 +5,7 @@ what the warm start's own recipe would have reached with the same time. This scr
   1. reads an RL run's output_dir (config.yaml, metrics.jsonl): its warm start, its eval settings and
      its training wall time (the sum of time/step, plus eval time excluded on both sides);
   2. continues supervised training of the same warm-started model with the same recipe (same lr,
-     batch, label smoothing; constant lr, fresh optimizer as RL has) for that wall time;
+     batch, label smoothing; constant lr, a fresh optimizer) for that wall time;
   3. evaluates it with the RL run's evaluation (same problems, samples, temperature, seed);
   4. prints both gains.
 
@@ -48,13 +48,14 @@ def main() -> None:
     budget = args.seconds or rl_seconds
 
     policy = load_policy(cfg)  # the warm-started model, from the cache
-    task = load_task(cfg, policy.tokenizer)
+    task = load_task(cfg, policy.tokenizer, policy.processor)
     recipe = WarmStartRecipe.from_config(cfg)
-    prompt_ids, target_ids = builtin_sft_data(policy.tokenizer, recipe)
+    prompt_ids, target_ids, extra = builtin_sft_data(policy.tokenizer, recipe, policy.processor)
     t0 = time.perf_counter()
     stats = supervised_train(
         policy.model, prompt_ids, target_ids, policy.pad_token_id, steps=10**9, batch_size=recipe.batch_size,
         lr=recipe.lr, seed=recipe.seed + 1, time_budget_s=budget, label_smoothing=recipe.label_smoothing,
+        extra=extra,
     )
     sft_seconds = time.perf_counter() - t0
 

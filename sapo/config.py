@@ -153,11 +153,12 @@ class TrainConfig:
     micro_batch_tokens: int = _opt(0, "padded tokens per forward/backward, rows x longest (0 = no budget; "
                                    "rows are grouped by length)", group="optim")
     lr: float = _opt(5e-5, "peak learning rate (AdamW)", group="optim")
-    lr_schedule: str = _opt("constant", "after warmup", ("constant", "cosine", "linear"), group="optim")
-    warmup_steps: int = _opt(0, "linear warmup, in optimizer updates", group="optim")
+    lr_schedule: str = _opt("cosine", "after warmup (cosine and linear decay to 0 at the last update)",
+                            ("constant", "cosine", "linear"), group="optim")
+    warmup_steps: int = _opt(40, "linear warmup, in optimizer updates", group="optim")
     weight_decay: float = _opt(0.0, "AdamW weight decay", group="optim")
-    norm_lr_scale: float = _opt(1.0, "lr multiplier for normalisation gains (RMSNorm weights; no weight decay)",
-                                group="optim")
+    norm_lr_scale: float = _opt(-1.0, "lr multiplier for normalisation gains (RMSNorm weights, no weight decay); "
+                                "-1: 100 for built-in models, 1 otherwise", group="optim")
     adam_beta1: float = _opt(0.9, "AdamW beta1", group="optim")
     adam_beta2: float = _opt(0.99, "AdamW beta2", group="optim")
     max_grad_norm: float = _opt(1.0, "gradient clipping (0 = off)", group="optim")
@@ -201,7 +202,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        nonneg = ("micro_batch_size", "micro_batch_tokens", "warmup_steps", "weight_decay", "norm_lr_scale", "max_grad_norm", "beta", "eval_steps", "top_k",
+        nonneg = ("micro_batch_size", "micro_batch_tokens", "warmup_steps", "weight_decay", "max_grad_norm", "beta", "eval_steps", "top_k",
                   "save_steps", "threads", "lora_rank", "warmstart_steps", "tis_cap", "log_samples", "logprob_chunk_size")
         for name in nonneg:
             if getattr(self, name) < 0:
@@ -213,6 +214,8 @@ class TrainConfig:
         if self.eval_temperature == 0:
             raise ConfigError("eval_temperature must be > 0, or -1 for the training temperature "
                               "(eval_greedy=true reports greedy decoding)")
+        if self.norm_lr_scale < 0 and self.norm_lr_scale != -1:
+            raise ConfigError(f"norm_lr_scale must be >= 0, or -1 for the automatic choice, got {self.norm_lr_scale}")
         if not (0 <= self.adam_beta1 < 1 and 0 <= self.adam_beta2 < 1):
             raise ConfigError(f"adam_beta1 and adam_beta2 must be in [0, 1), got {self.adam_beta1}, {self.adam_beta2}")
         if not 0 < self.top_p <= 1:

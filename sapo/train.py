@@ -71,9 +71,13 @@ def _seed_everything(seed: int) -> None:
 
 def _param_groups(model, cfg: TrainConfig) -> list[dict]:
     """AdamW groups: normalisation gains (1-D weights of *norm* modules) at lr * norm_lr_scale and
-    without weight decay; everything else at lr. Adam moves each parameter by about lr per update,
-    so at an RL learning rate a gain that sets the sharpness of the output distribution barely moves;
-    a larger scale for the gains lets the policy sharpen without raising the lr of the matrices."""
+    without weight decay; everything else at lr.
+
+    Why: Adam moves each parameter by about lr per update, so at an RL learning rate the gains, which
+    set how sharp the output distribution is, barely move. The built-in models start from a short
+    label-smoothed warm start whose samples at T = 1 are far noisier than its greedy answers; RL's
+    first gain there is sharpening, and raising the matrices' lr instead collapses the run. Automatic
+    (-1): 100 for built-in models, 1 (plain AdamW) for pretrained ones."""
     norms, rest = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -81,7 +85,8 @@ def _param_groups(model, cfg: TrainConfig) -> list[dict]:
         (norms if p.dim() == 1 and "norm" in name.rsplit(".", 2)[-2].lower() else rest).append(p)
     groups = [{"params": rest}]
     if norms:
-        groups.append({"params": norms, "lr": cfg.lr * cfg.norm_lr_scale, "weight_decay": 0.0})
+        scale = cfg.norm_lr_scale if cfg.norm_lr_scale >= 0 else (100.0 if cfg.model.startswith("builtin:") else 1.0)
+        groups.append({"params": norms, "lr": cfg.lr * scale, "weight_decay": 0.0})
     return groups
 
 

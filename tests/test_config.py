@@ -31,6 +31,8 @@ def test_unknown_key_suggests():
     ("num_generations", "1", "group"),
     ("temperature", "0", "temperature"),
     ("tensorboard", "maybe", "true or false"),
+    ("norm_lr_scale", "-2", "norm_lr_scale"),
+    ("micro_batch_tokens", "-1", "micro_batch_tokens"),
 ])
 def test_bad_values_fail_before_work(key, value, match):
     with pytest.raises(ConfigError, match=match):

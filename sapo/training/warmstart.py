@@ -120,15 +120,20 @@ def supervised_train(
     return {"steps": done, "seconds": time.perf_counter() - t0, "final_loss": sum(losses[-20:]) / max(1, len(losses[-20:]))}
 
 
-def builtin_sft_data(tokenizer, recipe: WarmStartRecipe) -> tuple[list[list[int]], list[list[int]]]:
-    """(prompt ids, target ids ending in EOS) of the text task's worked solutions, as the warm start uses them."""
+def builtin_sft_data(tokenizer, recipe: WarmStartRecipe, processor=None) -> tuple[list, list, list | None]:
+    """(prompt ids, target ids ending in EOS, per-row image inputs or None) of the built-in task's
+    worked solutions, as the warm start uses them: the image task when a VL processor is given."""
+    if processor is not None:
+        from sapo.data.visual_task import warmstart_inputs
+
+        return warmstart_inputs(processor, recipe.train_size, seed=recipe.seed)
     from sapo.data.builtin import builtin_dataset, reference_completion
 
     examples = builtin_dataset("train", recipe.train_size, seed=recipe.seed)
     prompt_ids = [tokenizer.encode(e.prompt, add_special_tokens=False) for e in examples]
     target_ids = [tokenizer.encode(reference_completion(e), add_special_tokens=False) + [tokenizer.eos_token_id]
                   for e in examples]
-    return prompt_ids, target_ids
+    return prompt_ids, target_ids, None
 
 
 def builtin_model_path(name: str, recipe: WarmStartRecipe | None = None, *, verbose: bool = True) -> Path:
@@ -150,16 +155,14 @@ def builtin_model_path(name: str, recipe: WarmStartRecipe | None = None, *, verb
     if verbose:
         print(f"[sapo] building the warm-started {name} (once; cached in {folder})", flush=True)
     tokenizer = build_char_tokenizer(BUILTIN_ALPHABET)
-    processor, extra = None, None
+    processor = None
     if arch.startswith("qwen3_vl"):  # image prompts (sapo.data.visual_task)
-        from sapo.data.visual_task import warmstart_inputs
         from sapo.models.vl import BUILTIN_VL_OVERRIDES, build_tiny_vl
 
         model, processor = build_tiny_vl(arch, tokenizer, seed=recipe.seed, **BUILTIN_VL_OVERRIDES)
-        prompt_ids, target_ids, extra = warmstart_inputs(processor, recipe.train_size, seed=recipe.seed)
     else:
         model = build_tiny_model(arch, vocab_size=len(tokenizer), seed=recipe.seed)
-        prompt_ids, target_ids = builtin_sft_data(tokenizer, recipe)
+    prompt_ids, target_ids, extra = builtin_sft_data(tokenizer, recipe, processor)
     stats = supervised_train(model, prompt_ids, target_ids, tokenizer.pad_token_id, steps=recipe.steps,
                              batch_size=recipe.batch_size, lr=recipe.lr, warmup=recipe.warmup, seed=recipe.seed,
                              log_every=100 if verbose else 0, extra=extra, label_smoothing=recipe.label_smoothing)

@@ -128,6 +128,23 @@ def test_token_budget_micro_batches_match_the_whole_mini_batch(tmp_path, sapo_ca
         assert rows[-1][key] == pytest.approx(whole[-1][key], rel=1e-5, abs=1e-7)
 
 
+def test_norm_gains_get_their_own_learning_rate():
+    """norm_lr_scale puts every RMSNorm gain (and nothing else) in a group at lr * scale, without
+    weight decay; automatic (-1) is 100 for built-in models and plain AdamW for any other."""
+    from sapo.models.tiny import build_tiny_model
+    from sapo.train import _param_groups
+
+    model = build_tiny_model("qwen3_moe", vocab_size=16)
+    groups = _param_groups(model, build_config(overrides={"lr": "1e-4", "weight_decay": "0.1"}))
+    names = {id(p): n for n, p in model.named_parameters()}
+    gains = [names[id(p)] for p in groups[1]["params"]]
+    assert gains and all(n.endswith(("norm.weight", "layernorm.weight")) for n in gains)
+    assert "model.norm.weight" in gains and not any("norm" in names[id(p)] for p in groups[0]["params"])
+    assert groups[1]["lr"] == pytest.approx(1e-2) and groups[1]["weight_decay"] == 0.0
+    plain = _param_groups(model, build_config(overrides={"lr": "1e-4", "model": "/some/pretrained"}))
+    assert plain[1]["lr"] == pytest.approx(1e-4)
+
+
 def test_freeze_router_keeps_routers_fixed(tmp_path, sapo_cache):
     start = _start_weights()
     _run(tmp_path, "frz", max_steps="1", lr="1e-3", freeze_router="true")
