@@ -60,8 +60,8 @@ class TrainConfig:
         group="model",
     )
     routing_replay: str = _opt(
-        "none", "MoE routing replay: R2 reuses the old policy's experts in updates",
-        ("none", "R2"), group="model",
+        "none", "MoE routing replay in the updates: R2 the old policy's experts, R3 the experts chosen "
+        "during generation (engine=torch)", ("none", "R2", "R3"), group="model",
     )
     warmstart_steps: int = _opt(
         500, "supervised warm-start steps for builtin:* models (the starting policy; cached per value)",
@@ -255,9 +255,16 @@ class TrainConfig:
             raise ConfigError(f"eval_pass_k values must be in 1..eval_num_samples={self.eval_num_samples}")
         if self.eval_num_problems < 1 or self.eval_num_samples < 1:
             raise ConfigError("eval_num_problems and eval_num_samples must be >= 1")
-        if self.old_logprobs == "sampler" and (self.routing_replay != "none" or self.loss_type == "grpo_r2"):
-            raise ConfigError("old_logprobs=sampler records no MoE routing: it cannot be combined with routing "
-                              "replay (routing_replay=R2 / loss_type=grpo_r2); use old_logprobs=recompute")
+        if self.old_logprobs == "sampler" and (self.routing_replay == "R2" or self.loss_type == "grpo_r2"):
+            raise ConfigError("old_logprobs=sampler records no old-policy routing: it cannot be combined with R2 "
+                              "replay (routing_replay=R2 / loss_type=grpo_r2); use old_logprobs=recompute, or "
+                              "routing_replay=R3 (the sampler's own experts)")
+        if self.routing_replay == "R3" and self.engine != "torch":
+            raise ConfigError("routing_replay=R3 replays the experts recorded during generation, which only "
+                              "engine=torch records; use engine=torch or routing_replay=R2")
+        if self.routing_replay == "R3" and self.loss_type == "grpo_r2":
+            raise ConfigError("loss_type=grpo_r2 implies routing_replay=R2; for R3 use loss_type=grpo "
+                              "epsilon_high=0.27 routing_replay=R3")
         if self.old_logprobs == "sampler" and self.tis_cap > 0:
             raise ConfigError("tis_cap corrects trainer/sampler mismatch, which old_logprobs=sampler hides; "
                               "use one or the other")

@@ -22,9 +22,16 @@ from sapo import checkpoint as ckpt
 from sapo import distributed
 from sapo.config import ConfigError, TrainConfig, build_config, save_config
 from sapo.evaluate import evaluate_items
+from sapo.models import routing as moe_routing
 from sapo.rollout import make_engine
 from sapo.tracking import NullLogger, RunLogger
-from sapo.training.batch import group_advantages, merge_metrics, pack_rollout, select_rows
+from sapo.training.batch import (
+    completion_positions,
+    group_advantages,
+    merge_metrics,
+    pack_rollout,
+    select_rows,
+)
 from sapo.training.policy import PolicyHandle, load_policy
 from sapo.training.tasks import TaskData, load_task
 
@@ -88,6 +95,13 @@ def _param_groups(model, cfg: TrainConfig) -> list[dict]:
         scale = cfg.norm_lr_scale if cfg.norm_lr_scale >= 0 else (100.0 if cfg.model.startswith("builtin:") else 1.0)
         groups.append({"params": norms, "lr": cfg.lr * scale, "weight_decay": 0.0})
     return groups
+
+
+def _generation_routing(engine, tensors) -> torch.Tensor:
+    """The experts the rollout engine chose, [L, N, P + C, k] in the columns of the packed rollout
+    (the engine's covers P + max_new_tokens - 1: the last sampled token was never fed; -1 = unset)."""
+    routing, width = engine.last_routing, tensors.input_ids.shape[1]
+    return routing[:, :, :width] if routing.shape[2] >= width else moe_routing.pad_routing(routing, width)
 
 
 def _make_scheduler(optimizer, cfg: TrainConfig, total_updates: int):
@@ -244,6 +258,8 @@ def train(cfg: TrainConfig, overrides: dict | None = None) -> dict:
     logger = RunLogger(out_dir, tensorboard=cfg.tensorboard,
                        resume_step=start_step if checkpoint_path is not None else None) if info.is_main else NullLogger()
     engine = make_engine(cfg.engine, model)
+    # R3: the rollout engine records each MoE layer's chosen experts; evaluation does not need them
+    rollout_engine = make_engine(cfg.engine, model, record_experts=True) if cfg.routing_replay == "R3" else engine
     loss_options = policy.loss_options(cfg)
 
     def run_eval(step: int) -> dict[str, float]:
@@ -290,7 +306,7 @@ def train(cfg: TrainConfig, overrides: dict | None = None) -> dict:
             if info.enabled:  # each rank samples its own completions; a resume draws the same ones
                 rollout_gen.manual_seed(distributed.rollout_seed(cfg.seed, step, info))
             with distributed.gathered(model):  # FSDP: full layers, so ranks decode different lengths freely
-                batch = engine.generate(
+                batch = rollout_engine.generate(
                     prompt_ids, max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
                     top_p=cfg.top_p, top_k=cfg.top_k, eos_token_ids=policy.eos_token_ids,
                     pad_token_id=policy.pad_token_id, generator=rollout_gen,
@@ -332,6 +348,12 @@ def train(cfg: TrainConfig, overrides: dict | None = None) -> dict:
                 old = policy.behaviour_pass(tensors, cfg, need_old=cfg.num_minibatches > 1 or cfg.tis_cap > 0)
                 ref_logprobs = policy.reference_logprobs(reference, tensors, cfg) if reference is not None else None
                 t_old = time.perf_counter() - t0
+                if cfg.routing_replay == "R3":
+                    old.replay = _generation_routing(rollout_engine, tensors)[:, keep_rows]
+                    if old.routing is not None:  # the sampler's experts against pi_old's, before any update
+                        fed = (old.replay >= 0).all(dim=3).all(dim=0)  # [N, P + C]: the sampler never fed an EOS
+                        metrics["moe/r3_mismatch"], _ = moe_routing.routing_changed_fraction(
+                            old.replay, old.routing, completion_positions(tensors) & fed)
                 metrics.update(old.metrics)
                 # 5. num_minibatches sequential updates over the rollout batch
                 t0 = time.perf_counter()

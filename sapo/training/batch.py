@@ -70,6 +70,13 @@ def select_rows(t: RolloutTensors, idx: torch.Tensor) -> RolloutTensors:
     )
 
 
+def completion_positions(t: RolloutTensors) -> torch.Tensor:
+    """[b, P + C] bool: the positions of completion tokens that enter the loss (where MoE routing matters)."""
+    full = torch.zeros(t.input_ids.shape, dtype=torch.bool)
+    full[:, t.prompt_width :] = t.completion_mask
+    return full
+
+
 def trim_padding(t: RolloutTensors) -> tuple[RolloutTensors, int]:
     """Drop the columns that are padding in every row of t: prompt columns on the left (prompts are
     left-padded) and completion columns on the right. Returns the trimmed rows and `left`, the number

@@ -20,7 +20,14 @@ from sapo.models import routing as moe
 from sapo.models.forward import hidden_states, output_bias, output_weight
 from sapo.objectives import aggregation_weights, policy_loss, resolve
 from sapo.ops import fused_token_policy_loss, token_logprobs
-from sapo.training.batch import merge_metrics, micro_batch_plan, select_rows, split_plan, trim_padding
+from sapo.training.batch import (
+    completion_positions,
+    merge_metrics,
+    micro_batch_plan,
+    select_rows,
+    split_plan,
+    trim_padding,
+)
 
 
 @dataclass
@@ -29,6 +36,7 @@ class BehaviourPass:
 
     old_logprobs: torch.Tensor | None  # [N, C] float32, None when the update is on-policy
     routing: torch.Tensor | None = None  # [L, N, P + C, k] int, MoE experts chosen by pi_old
+    replay: torch.Tensor | None = None  # [L, N, P + C, k] the experts the updates force (R2: routing; R3: sampler's)
     metrics: dict[str, float] = field(default_factory=dict)
 
 
@@ -105,7 +113,7 @@ class PolicyHandle:
     @torch.no_grad()
     def behaviour_pass(self, tensors, cfg: TrainConfig, *, need_old: bool) -> BehaviourPass:
         """Old log-probs (and the experts they used, for MoE) before any update of this step."""
-        record = self.is_moe and (need_old or cfg.routing_replay == "R2")
+        record = self.is_moe and (need_old or cfg.routing_replay != "none")
         if not (need_old or record):
             return BehaviourPass(None)
         if cfg.old_logprobs == "sampler":
@@ -132,9 +140,9 @@ class PolicyHandle:
                 routing[:, rows.to(routing.device), left : left + experts.shape[2]] = experts
                 num_experts = recorder.num_experts
         model.train(was_training)
-        out = BehaviourPass(old, routing)
+        out = BehaviourPass(old, routing, replay=routing if cfg.routing_replay == "R2" else None)
         if out.routing is not None:
-            ent = moe.expert_load_entropy(out.routing, _full_mask(tensors), num_experts)
+            ent = moe.expert_load_entropy(out.routing, completion_positions(tensors), num_experts)
             out.metrics["moe/expert_load_entropy"] = float(sum(ent) / len(ent))
         if cfg.tis_cap > 0:
             # trainer vs sampler mismatch, before any update: log pi_old - log pi_sampler
@@ -210,12 +218,13 @@ class PolicyHandle:
         routing_changed: list[float] = []
         for micro, part, left in self._micro_batches(tensors, rows, cfg):
             width = part.completion_mask.shape[1]  # C' <= C after trimming; columns past it are padding
-            old_routing = None
-            if old.routing is not None:  # [L, b, T', k], the trimmed part's positions
-                old_routing = old.routing[:, micro.to(old.routing.device), left : left + part.input_ids.shape[1]]
-            if cfg.routing_replay == "R2" and old_routing is not None:
-                # R2: the experts pi_old chose; the record holds the current router's own top-k
-                ctx = moe.replay_routing(model, old_routing)
+            columns = slice(left, left + part.input_ids.shape[1])  # [L, b, T', k]: the trimmed part's positions
+            old_routing = old.routing[:, micro.to(old.routing.device), columns] if old.routing is not None else None
+            replay = old.replay[:, micro.to(old.replay.device), columns] if old.replay is not None else None
+            if replay is not None:
+                # R2: the experts pi_old chose; R3: those the sampler chose. The record holds the current
+                # router's own top-k, so moe/routing_changed stays meaningful under replay
+                ctx = moe.replay_routing(model, replay)
             elif old_routing is not None:
                 ctx = moe.record_routing(model)
             else:
@@ -261,7 +270,7 @@ class PolicyHandle:
             if entropy is not None and mask.any():
                 metrics["entropy/mean"] = entropy[mask].mean().item()
             if old_routing is not None:
-                frac, _ = moe.routing_changed_fraction(old_routing, record.experts, _full_mask(part))
+                frac, _ = moe.routing_changed_fraction(old_routing, record.experts, completion_positions(part))
                 routing_changed.append(frac)
             metrics_rows.append(metrics)
         grad_norm = float("nan")
@@ -296,13 +305,6 @@ class PolicyHandle:
 def _unflatten(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """[n] values at the True positions of mask [b, C] -> [b, C] float32, 0 elsewhere."""
     return torch.zeros(mask.shape, dtype=torch.float32, device=mask.device).masked_scatter(mask, values.float())
-
-
-def _full_mask(t) -> torch.Tensor:
-    """[b, P + C] bool: positions of real tokens whose routing matters (the completion part)."""
-    full = torch.zeros(t.input_ids.shape, dtype=torch.bool)
-    full[:, t.prompt_width :] = t.completion_mask
-    return full
 
 
 def _stack_extra(extra: list[dict], prompt_width: int, width: int, device) -> dict:

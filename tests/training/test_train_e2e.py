@@ -145,6 +145,30 @@ def test_norm_gains_get_their_own_learning_rate():
     assert plain[1]["lr"] == pytest.approx(1e-4)
 
 
+@pytest.mark.parametrize("old_logprobs", ["recompute", "sampler"])
+def test_r3_replays_the_samplers_experts(tmp_path, sapo_cache, old_logprobs):
+    """R3 forces the experts the rollout engine chose. Here the sampler is the trainer's own model in
+    float32, so its experts are pi_old's (moe/r3_mismatch = 0) and R3 trains like R2."""
+    _run(tmp_path, "r3", loss_type="grpo", max_steps="2", lr="1e-3", routing_replay="R3", old_logprobs=old_logprobs)
+    _run(tmp_path, "r2", loss_type="grpo", max_steps="2", lr="1e-3", routing_replay="R2")
+    a, b = _weights(tmp_path / "r3" / "final_model"), _weights(tmp_path / "r2" / "final_model")
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-4)
+    rows = [json.loads(x) for x in (tmp_path / "r3" / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "reward/mean" in r]
+    if old_logprobs == "recompute":
+        assert all(r["moe/r3_mismatch"] == 0.0 for r in steps) and "moe/routing_changed" in steps[-1]
+    else:  # no old-policy forward: nothing to compare the sampler's experts with
+        assert "moe/r3_mismatch" not in steps[-1]
+
+
+def test_r3_needs_the_torch_engine():
+    from sapo.config import ConfigError
+
+    with pytest.raises(ConfigError, match="engine=torch"):
+        build_config(overrides={"routing_replay": "R3", "engine": "hf"})
+
+
 def test_freeze_router_keeps_routers_fixed(tmp_path, sapo_cache):
     start = _start_weights()
     _run(tmp_path, "frz", max_steps="1", lr="1e-3", freeze_router="true")
@@ -169,5 +193,5 @@ def test_sampler_old_logprobs_train_like_recomputed_ones(tmp_path, sapo_cache):
 def test_sampler_old_logprobs_refuse_replay():
     from sapo.config import ConfigError
 
-    with pytest.raises(ConfigError, match="routing replay"):
+    with pytest.raises(ConfigError, match="R2 replay"):
         build_config(overrides={"old_logprobs": "sampler", "loss_type": "grpo_r2"})
