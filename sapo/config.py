@@ -59,6 +59,10 @@ class TrainConfig:
         False, "MoE: keep the routers' weights fixed during RL (the experts and the rest still train)",
         group="model",
     )
+    router_aux_loss_coef: float = _opt(
+        0.0, "MoE: weight of the load-balancing loss (Switch Transformer) added to every update; 0 = off",
+        group="model",
+    )
     routing_replay: str = _opt(
         "none", "MoE routing replay in the updates: R2 the old policy's experts, R3 the experts chosen "
         "during generation (engine=torch)", ("none", "R2", "R3"), group="model",
@@ -202,7 +206,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        nonneg = ("micro_batch_size", "micro_batch_tokens", "warmup_steps", "weight_decay", "max_grad_norm", "beta", "eval_steps", "top_k",
+        nonneg = ("router_aux_loss_coef", "micro_batch_size", "micro_batch_tokens", "warmup_steps", "weight_decay", "max_grad_norm", "beta", "eval_steps", "top_k",
                   "save_steps", "threads", "lora_rank", "warmstart_steps", "tis_cap", "log_samples", "logprob_chunk_size")
         for name in nonneg:
             if getattr(self, name) < 0:

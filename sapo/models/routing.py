@@ -98,6 +98,9 @@ class RoutingRecord:
     logits_calls: list[list[torch.Tensor]] = field(default_factory=list)  # [L][call] -> [b, t, E] fp32
     rows_calls: list[torch.Tensor | None] = field(default_factory=list)  # [call] -> [b] original rows
     current_rows: torch.Tensor | None = None
+    # with keep_graph: each layer's router logits [b * t, E] of the latest forward, with their autograd
+    # graph (for a load-balancing loss); overwritten by the next forward
+    graph_logits: list[torch.Tensor | None] = field(default_factory=list)
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """The next forwards run on these rows (indices into the first call's batch)."""
@@ -155,7 +158,7 @@ def _replayed_weights(router: nn.Module, logits: torch.Tensor, experts: torch.Te
 
 @contextlib.contextmanager
 def _routing_hooks(
-    model: nn.Module, replay: torch.Tensor | None, with_logits: bool
+    model: nn.Module, replay: torch.Tensor | None, with_logits: bool, keep_graph: bool = False
 ) -> Iterator[RoutingRecord]:
     layers = moe_layers(model)
     if not layers:
@@ -164,6 +167,7 @@ def _routing_hooks(
     record = RoutingRecord(num_experts=first.num_experts, top_k=first.top_k)
     record.experts_calls = [[] for _ in layers]
     record.logits_calls = [[] for _ in layers]
+    record.graph_logits = [None for _ in layers]
     store = routing_dtype(record.num_experts)
     if replay is not None and (
         replay.dim() != 4 or replay.shape[0] != len(layers) or replay.shape[3] != first.top_k
@@ -203,8 +207,10 @@ def _routing_hooks(
                 if index == 0:
                     record.rows_calls.append(record.current_rows)
                 record.experts_calls[index].append(chosen.detach().reshape(batch, length, -1).to(store))
-            if with_logits or replay is not None:
+            if with_logits or replay is not None or keep_graph:
                 logits = _router_logits(router, args[0])  # [N, E]
+            if keep_graph and not in_backward:
+                record.graph_logits[index] = logits
             if with_logits and not in_backward:
                 record.logits_calls[index].append(logits.detach().float().reshape(batch, length, -1))
             if replay is None:
@@ -234,7 +240,7 @@ def _routing_hooks(
 
 
 def record_routing(
-    model: nn.Module, *, with_logits: bool = False
+    model: nn.Module, *, with_logits: bool = False, keep_graph: bool = False
 ) -> contextlib.AbstractContextManager[RoutingRecord]:
     """Record each MoE layer's top-k experts during the forwards run inside the context.
 
@@ -242,11 +248,11 @@ def record_routing(
     ...     model(input_ids=ids, attention_mask=mask)
     >>> routing = record.experts  # [L, B, T, k]; padding positions hold values that do not matter
     """
-    return _routing_hooks(model, replay=None, with_logits=with_logits)
+    return _routing_hooks(model, replay=None, with_logits=with_logits, keep_graph=keep_graph)
 
 
 def replay_routing(
-    model: nn.Module, routing: torch.Tensor, *, with_logits: bool = False
+    model: nn.Module, routing: torch.Tensor, *, with_logits: bool = False, keep_graph: bool = False
 ) -> contextlib.AbstractContextManager[RoutingRecord]:
     """Force the experts in `routing` `[L, B, T, k]` (rows sliced to the micro-batch) in every
     forward inside the context; entries of -1 leave the choice to the current router.
@@ -255,7 +261,7 @@ def replay_routing(
     routing diagnostics stay meaningful under replay. Run backward inside the context when
     activation checkpointing recomputes the forward.
     """
-    return _routing_hooks(model, replay=routing, with_logits=with_logits)
+    return _routing_hooks(model, replay=routing, with_logits=with_logits, keep_graph=keep_graph)
 
 
 def pad_routing(routing: torch.Tensor, length: int) -> torch.Tensor:
@@ -299,3 +305,29 @@ def expert_load_entropy(routing: torch.Tensor, mask: torch.Tensor, num_experts: 
     probs = counts / counts.sum(dim=1, keepdim=True).clamp(min=1.0)
     entropy = -(probs * probs.clamp(min=1e-30).log()).sum(dim=1)  # [L]
     return (entropy / torch.log(torch.tensor(float(num_experts)))).tolist()
+
+
+def load_balancing_loss(router_logits: list[torch.Tensor], top_k: int, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """The Switch Transformer load-balancing loss (Fedus et al. 2021, eq. 4-6) over all MoE layers:
+
+        L_aux = E * sum_e f_e * P_e
+
+    with f_e the share of (token, top-k slot) assignments that go to expert e and P_e the mean router
+    probability of e, both over the real tokens of every layer taken together (as Hugging Face's
+    Mixtral / Qwen3-MoE `load_balancing_loss_func`). It equals top_k for perfectly even routing and
+    grows as routing concentrates. Gradients reach the routers through P_e.
+    router_logits: per layer [N, E] (N = b * t tokens); mask: [N] bool, the tokens that count.
+    """
+    logits = torch.cat(router_logits, dim=0)  # [L * N, E]
+    num_experts = logits.shape[-1]
+    probs = F.softmax(logits, dim=-1, dtype=torch.float32)  # [L * N, E]
+    chosen = probs.topk(top_k, dim=-1).indices  # [L * N, k]
+    assigned = F.one_hot(chosen, num_experts).float()  # [L * N, k, E]
+    if mask is None:
+        weights = probs.new_ones(probs.shape[0])
+    else:
+        weights = mask.to(probs.device, torch.float32).flatten().repeat(len(router_logits))  # [L * N]
+    total = weights.sum().clamp(min=1.0)
+    f = (assigned * weights[:, None, None]).sum(dim=0) / total  # [k, E]
+    p = (probs * weights[:, None]).sum(dim=0) / total  # [E]
+    return num_experts * (f * p[None]).sum()

@@ -216,6 +216,8 @@ class PolicyHandle:
         spec = resolve(cfg.loss_type, **loss_options)
         metrics_rows, losses, finite = [], [], True
         routing_changed: list[float] = []
+        aux_coef = cfg.router_aux_loss_coef if self.is_moe else 0.0
+        aux_values: list[float] = []
         for micro, part, left in self._micro_batches(tensors, rows, cfg):
             width = part.completion_mask.shape[1]  # C' <= C after trimming; columns past it are padding
             columns = slice(left, left + part.input_ids.shape[1])  # [L, b, T', k]: the trimmed part's positions
@@ -224,9 +226,9 @@ class PolicyHandle:
             if replay is not None:
                 # R2: the experts pi_old chose; R3: those the sampler chose. The record holds the current
                 # router's own top-k, so moe/routing_changed stays meaningful under replay
-                ctx = moe.replay_routing(model, replay)
-            elif old_routing is not None:
-                ctx = moe.record_routing(model)
+                ctx = moe.replay_routing(model, replay, keep_graph=aux_coef > 0)
+            elif old_routing is not None or aux_coef > 0:
+                ctx = moe.record_routing(model, keep_graph=aux_coef > 0)
             else:
                 ctx = contextlib.nullcontext()
             with ctx as record:  # backward inside: activation checkpointing re-runs the forward
@@ -261,6 +263,13 @@ class PolicyHandle:
                         ref_logprobs=ref, token_weights=self._tis_weights(cfg, old_logp, part, mask),
                         num_sequences=num_sequences, num_tokens=num_tokens, **loss_options,
                     )
+                if aux_coef > 0:
+                    # load balancing over this micro-batch's real tokens, weighted by its share of the
+                    # mini-batch's rows (and 1/W: the gradients are averaged over ranks, the loss scaled by W)
+                    aux = moe.load_balancing_loss(record.graph_logits, record.top_k,
+                                                  part.attention_mask.to(self.device).bool().flatten())
+                    aux_values.append(aux.item())
+                    loss = loss + aux_coef * aux * len(micro) / len(rows) / loss_scale
                 if not torch.isfinite(loss):
                     finite = False
                     if loss_scale == 1:  # several ranks: keep the backward collectives in step
@@ -291,6 +300,8 @@ class PolicyHandle:
         out["grad_norm"] = grad_norm
         if routing_changed:
             out["moe/routing_changed"] = sum(routing_changed) / len(routing_changed)
+        if aux_values:
+            out["moe/aux_loss"] = sum(aux_values) / len(aux_values)
         return out
 
     # -- end of training -----------------------------------------------------------------------

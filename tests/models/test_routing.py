@@ -4,6 +4,7 @@ import torch
 from sapo.models.routing import (
     expert_load_entropy,
     is_moe,
+    load_balancing_loss,
     moe_layers,
     pad_routing,
     record_routing,
@@ -258,3 +259,34 @@ def test_r3_rows_that_leave_the_batch_are_placed_by_select_rows():
     assert torch.equal(routing[:, :, :4], prefill.experts)
     assert torch.equal(routing[:, [0, 2], 4:], decode.experts)
     assert (routing[:, 1, 4] == -1).all()
+
+
+def test_load_balancing_loss_matches_the_hf_reference_and_its_bounds():
+    from transformers.models.qwen3_moe.modeling_qwen3_moe import load_balancing_loss_func
+
+    generator = torch.Generator().manual_seed(0)
+    layers, batch, length, experts, top_k = 3, 2, 5, 8, 2
+    logits = [torch.randn(batch * length, experts, generator=generator) for _ in range(layers)]
+    mask = torch.ones(batch, length, dtype=torch.long)
+    mask[0, :2] = 0
+    ours = load_balancing_loss(logits, top_k, mask.bool().flatten())
+    reference = load_balancing_loss_func(tuple(logits), experts, top_k, attention_mask=mask)
+    torch.testing.assert_close(ours, reference.float(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(load_balancing_loss(logits, top_k), load_balancing_loss_func(tuple(logits), experts, top_k))
+    # top-1: even routing gives 1, every token on one expert gives E
+    even = [torch.zeros(experts, experts) + 10 * torch.eye(experts)]  # token i prefers expert i
+    assert load_balancing_loss(even, 1).item() == pytest.approx(1.0, abs=1e-3)
+    skewed = [torch.zeros(experts, experts) + 10 * torch.nn.functional.one_hot(torch.zeros(experts).long(), experts)]
+    assert load_balancing_loss(skewed, 1).item() == pytest.approx(experts, rel=1e-3)
+
+
+def test_graph_logits_carry_gradients_to_the_router_under_replay(batch):
+    input_ids, attention_mask = batch
+    model = _model()
+    with torch.no_grad(), record_routing(model) as old:
+        model(input_ids=input_ids, attention_mask=attention_mask)
+    with replay_routing(model, old.experts, keep_graph=True) as record:
+        model(input_ids=input_ids, attention_mask=attention_mask)
+        load_balancing_loss(record.graph_logits, record.top_k, attention_mask.bool().flatten()).backward()
+    for _, router in moe_layers(model):
+        assert router.weight.grad is not None and router.weight.grad.abs().sum() > 0

@@ -169,6 +169,21 @@ def test_r3_needs_the_torch_engine():
         build_config(overrides={"routing_replay": "R3", "engine": "hf"})
 
 
+def test_router_aux_loss_trains_the_routers_and_is_logged(tmp_path, sapo_cache):
+    """router_aux_loss_coef adds the load-balancing loss: the routers move differently, moe/aux_loss
+    is logged (near top_k = 2 for balanced routing), and loss/total includes it."""
+    _run(tmp_path, "aux", max_steps="1", lr="1e-3", router_aux_loss_coef="1.0", routing_replay="R2")
+    _run(tmp_path, "plain", max_steps="1", lr="1e-3", routing_replay="R2")
+    a, b = _weights(tmp_path / "aux" / "final_model"), _weights(tmp_path / "plain" / "final_model")
+    routers = [k for k in a if k.endswith("mlp.gate.weight")]
+    assert routers and any(not torch.allclose(a[k], b[k], atol=1e-6) for k in routers)
+    rows = [json.loads(x) for x in (tmp_path / "aux" / "metrics.jsonl").read_text().splitlines()]
+    step = [r for r in rows if "reward/mean" in r][-1]
+    assert 2.0 <= step["moe/aux_loss"] < 8.0
+    plain = [json.loads(x) for x in (tmp_path / "plain" / "metrics.jsonl").read_text().splitlines()]
+    assert "moe/aux_loss" not in [r for r in plain if "reward/mean" in r][-1]
+
+
 def test_freeze_router_keeps_routers_fixed(tmp_path, sapo_cache):
     start = _start_weights()
     _run(tmp_path, "frz", max_steps="1", lr="1e-3", freeze_router="true")
