@@ -116,7 +116,7 @@ def make_grid(name: str) -> StudyGrid:
               "eval_steps": "10", "save_steps": "10"}
     if name == "default":
         return _build(name, {**common, "max_steps": "50"}, main_lr=5e-5, lrs=[5e-5, 1e-4, 2e-4], seeds=[0, 1, 2],
-                      minibatches=[4, 8], frontier_minibatches=[4], tau_negs=[0.95, 1.0, 1.05], taus=[1, 2, 5, 10], tau_seeds=[0],
+                      minibatches=[4, 8], frontier_minibatches=[4, 8], tau_negs=[0.95, 1.0, 1.05], taus=[1, 2, 5, 10], tau_seeds=[0],
                       dense_labels=["sapo"])
     if name == "full":
         return _build(name, {**common, "max_steps": "150"}, main_lr=5e-5, lrs=[2e-5, 5e-5, 1e-4, 2e-4, 3e-4],

@@ -84,7 +84,7 @@ def test_grids_cover_the_study_and_share_configs():
     # tau_neg=1.05 is the sapo default at the same lr: one folder, run once
     sapo = RunSpec("objectives", "sapo", "sapo", 1e-4, 4, 0)
     assert sapo.name == RunSpec("tau_neg", "tau_neg=1.05", "sapo", 1e-4, 4, 0, tau_neg=1.05).name
-    assert len(grid.runs) == 60 and len(grid.runs) < len(grid.specs)
+    assert len(grid.runs) == 84 and len(grid.runs) < len(grid.specs)
     assert {s.seed for s in grid.specs if s.part in ("objectives", "frontier")} == {0, 1, 2}  # >= 3 seeds a curve
     full = make_grid("full")
     assert {s.seed for s in full.specs} == {0, 1, 2} and {s.num_minibatches for s in full.specs if
