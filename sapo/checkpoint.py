@@ -8,12 +8,14 @@ exactly: trainable weights, optimizer, scheduler, every RNG state, the data posi
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
 import re
 import shutil
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +52,36 @@ def _fsync_dir(path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: str | Path) -> Iterator[Path]:
+    """Yield `<path>.tmp` to write a folder into; on success it replaces `path` by renames, so a
+    reader (or a crash) never sees a half-written folder: `path` holds the old content or the new.
+    On an error the temporary folder is removed and `path` is left as it was."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as handle:
+                os.fsync(handle.fileno())
+    _fsync_dir(tmp)
+    old = path.with_name(path.name + ".old")
+    if path.exists():  # a directory cannot be renamed onto a non-empty one: move the old one aside
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def rng_state(generators: dict[str, torch.Generator] | None = None) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 
 from sapo import checkpoint as ckpt
@@ -46,3 +47,20 @@ def test_partial_checkpoint_is_ignored_and_pruned(tmp_path):
     assert ckpt.latest_checkpoint(tmp_path).name == "checkpoint-000003"
     ckpt.prune_checkpoints(tmp_path, keep=2)
     assert not (tmp_path / "checkpoint-000004.tmp").exists()
+
+
+def test_atomic_folder_replaces_whole_or_not_at_all(tmp_path):
+    from sapo.checkpoint import atomic_folder
+
+    target = tmp_path / "final_model"
+    with atomic_folder(target) as tmp:
+        (tmp / "a.txt").write_text("one")
+    assert (target / "a.txt").read_text() == "one"
+    with pytest.raises(RuntimeError, match="boom"), atomic_folder(target) as tmp:
+        (tmp / "a.txt").write_text("half")
+        raise RuntimeError("boom")
+    assert (target / "a.txt").read_text() == "one"  # the failed write left the old folder as it was
+    with atomic_folder(target) as tmp:
+        (tmp / "b.txt").write_text("two")
+    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]  # replaced as a whole, nothing merged
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["final_model"]  # no .tmp / .old left behind
