@@ -48,17 +48,19 @@ def test_reference_run_changes_the_weights(reference_run):
     assert _steps(reference_run) == [MAX_STEPS - 1, MAX_STEPS]
 
 
-def _signal_after_first_checkpoint(cache: Path, out: Path, args: list[str], sig=signal.SIGINT):
-    """Run `sapo train ARGS`, send `sig` once a checkpoint of `out` exists (the next step's slowed
-    reward is then running; in the rare case it lands before the step's last line, the run stops there)."""
+def _signal_after_first_checkpoint(cache: Path, out: Path, args: list[str], sig=signal.SIGINT, times: int = 1):
+    """Run `sapo train ARGS`, send `sig` (`times` times, 0.3 s apart) once a checkpoint of `out`
+    exists (the next step's slowed reward is then running; in the rare case it lands before the
+    step's last line, the run stops there)."""
     env = sapo_env(cache, SAPO_TEST_REWARD_SLEEP="2")
     proc = subprocess.Popen(sapo_cmd("train", *args), cwd=REPO, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 180
     while proc.poll() is None and time.monotonic() < deadline and not _steps(out):
         time.sleep(0.02)
-    time.sleep(0.3)
-    proc.send_signal(sig)
+    for _ in range(times):
+        time.sleep(0.3)
+        proc.send_signal(sig)
     stdout, stderr = proc.communicate(timeout=180)
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
@@ -138,3 +140,20 @@ def test_sigterm_checkpoints_at_the_end_of_the_step_and_exits_0(sapo_cache, tmp_
     assert "interrupt: finishing this step" in proc.stdout
     stopped = _steps(out)[-1]
     assert stopped < MAX_STEPS and [r["step"] for r in metric_rows(out)] == list(range(stopped + 1))
+
+
+def test_second_ctrl_c_aborts_at_once_and_the_run_resumes_exactly(reference_run, sapo_cache, tmp_path):
+    """A second Ctrl-C stops without finishing the step or saving (exit 130); what was saved before
+    stays valid, and resuming from it ends bit-identical to the uninterrupted run."""
+    out = tmp_path / "run"
+    proc = _signal_after_first_checkpoint(sapo_cache, out, [*RUN, f"output_dir={out}"], times=2)
+    assert proc.returncode == 130, (proc.returncode, proc.stderr[-3000:])
+    assert "interrupt: finishing this step" in proc.stdout and "interrupted" in proc.stderr
+    saved = _steps(out)
+    assert saved and saved[-1] < MAX_STEPS and not list(out.glob("*.tmp"))
+    assert not (out / "final_model").exists()
+    proc = run_sapo(sapo_cache, ["train", f"resume={out}"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["step"] for r in metric_rows(out)] == list(range(MAX_STEPS + 1))
+    a, b = checkpoint_weights(out), checkpoint_weights(reference_run)
+    assert all(torch.equal(a[k], b[k]) for k in a)
