@@ -138,25 +138,14 @@ def save_checkpoint(
         raise NonFiniteError(f"not saving checkpoint-{step:06d}: non-finite weights in {', '.join(bad[:5])}; "
                              "the previous checkpoint is intact")
     final = output_dir / f"checkpoint-{step:06d}"
-    tmp = output_dir / f"checkpoint-{step:06d}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    torch.save(weights, tmp / "model.pt")
-    torch.save(full_state[1] if full_state is not None else optimizer.state_dict(), tmp / "optimizer.pt")
-    kill_point_for_tests("checkpoint", step)
-    torch.save(scheduler.state_dict() if scheduler is not None else {}, tmp / "scheduler.pt")
-    torch.save(rng_state(generators), tmp / "rng.pt")
-    (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=1))
-    (tmp / COMPLETE_MARKER).write_text("ok\n")
-    for f in tmp.iterdir():
-        with open(f, "rb") as handle:
-            os.fsync(handle.fileno())
-    _fsync_dir(tmp)
-    if final.exists():  # re-saving the same step (e.g. after a resume): replace it
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(output_dir)
+    with atomic_folder(final) as tmp:  # checkpoint-<step>.tmp; re-saving the same step replaces it
+        torch.save(weights, tmp / "model.pt")
+        torch.save(full_state[1] if full_state is not None else optimizer.state_dict(), tmp / "optimizer.pt")
+        kill_point_for_tests("checkpoint", step)
+        torch.save(scheduler.state_dict() if scheduler is not None else {}, tmp / "scheduler.pt")
+        torch.save(rng_state(generators), tmp / "rng.pt")
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, **trainer_state}, indent=1))
+        (tmp / COMPLETE_MARKER).write_text("ok\n")
     prune_checkpoints(output_dir, keep)
     return final
 

@@ -342,20 +342,14 @@ def save_final_model(policy, path, info: DistInfo) -> None:
     """The trained model as a Hugging Face folder, written by rank 0 (collective under FSDP)."""
     from sapo.checkpoint import atomic_folder
 
-    if not _fsdp_modules(policy.model):
-        if info.is_main:
-            with atomic_folder(path) as tmp:  # a crash never leaves a half-written final_model/
-                policy.save_final(tmp)
-        return
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+    full = None
+    if _fsdp_modules(policy.model):  # every rank takes part in gathering the full weights
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    full = get_model_state_dict(policy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        full = get_model_state_dict(policy.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if info.is_main:
-        with atomic_folder(path) as tmp:
-            policy.model.save_pretrained(tmp, state_dict=full)
-            policy.tokenizer.save_pretrained(tmp)
-            if policy.processor is not None:
-                policy.processor.save_pretrained(tmp)
+        with atomic_folder(path) as tmp:  # a crash never leaves a half-written final_model/
+            policy.save_final(tmp, state_dict=full)
 
 
 def barrier() -> None:

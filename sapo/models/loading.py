@@ -138,14 +138,16 @@ def _auto_class(folder: Path, trust_remote_code: bool):
     return AutoModelForCausalLM
 
 
-def save_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, path: str | os.PathLike) -> Path:
+def save_model(model: nn.Module, tokenizer: PreTrainedTokenizerBase | None, path: str | os.PathLike,
+               state_dict: dict | None = None) -> Path:
     """Write a HF folder that `load_model` / `from_pretrained` loads; LoRA adapters are merged into
-    a copy first, so the saved model is a plain model and `model` keeps its adapters."""
+    a copy first, so the saved model is a plain model and `model` keeps its adapters. `state_dict`:
+    the full weights gathered from a sharded model, saved instead of `model`'s own."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     if callable(getattr(model, "merge_and_unload", None)):
         model = copy.deepcopy(model).merge_and_unload()
-    model.save_pretrained(path)
+    model.save_pretrained(path, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(path)
     return path

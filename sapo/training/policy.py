@@ -305,10 +305,10 @@ class PolicyHandle:
         return out
 
     # -- end of training -----------------------------------------------------------------------
-    def save_final(self, path: Path) -> None:
+    def save_final(self, path: Path, state_dict: dict | None = None) -> None:
         from sapo.models.loading import save_model
 
-        save_model(self.model, self.tokenizer, path)
+        save_model(self.model, self.tokenizer, path, state_dict=state_dict)
         if self.processor is not None:  # a VL model reloads with its image processor
             self.processor.save_pretrained(path)
 
