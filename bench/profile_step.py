@@ -7,9 +7,9 @@ run time with wall-clock timers (CPU work is synchronous, so a timer around a ca
 
   rollout      TorchEngine.generate: prefill forward, decode forwards (forward hooks on the model),
                sample_tokens, the rest (cache row selection, masks, bookkeeping, .tolist())
-  reward       PolicyHandle.decode of the completions + RewardRunner (math_reward in a thread)
-  old logprobs PolicyHandle.behaviour_pass: backbone forward (with MoE routing recorded), log-prob head
-  updates      PolicyHandle.update x4: backbone forward, fused log-prob + loss head, backward, grad clip,
+  reward       Policy.decode of the completions + RewardRunner (math_reward in a thread)
+  old logprobs behaviour_pass: backbone forward (with MoE routing recorded), log-prob head
+  updates      policy_update x4: backbone forward, fused log-prob + loss head, backward, grad clip,
                AdamW step, diagnostics (policy_loss metrics, routing-changed fraction)
   rest         time/step minus the phases above: advantages, packing, metric dicts
 
@@ -40,7 +40,10 @@ from vs_trl import GENERATIONS, LR, MAX_NEW, MINIBATCHES, PROMPTS, TRAIN_SIZE, s
 
 import sapo.models.routing as routing  # noqa: E402
 import sapo.rollout.torch_engine as torch_engine  # noqa: E402
+import sapo.training.phases as phases  # noqa: E402
 import sapo.training.policy as policy_module  # noqa: E402
+import sapo.training.teacher_forcing as teacher_forcing  # noqa: E402
+import sapo.training.update as update_module  # noqa: E402
 from sapo.config import build_config  # noqa: E402
 from sapo.rewards import RewardRunner  # noqa: E402
 from sapo.tracking import RunLogger  # noqa: E402
@@ -101,14 +104,14 @@ def instrument(timers: Timers, profile_ops: bool) -> dict:
     torch_engine.TorchEngine.generate = generate_step
     timers.wrap(torch_engine.TorchEngine, "generate", "rollout", top=True)
     timers.wrap(torch_engine, "sample_tokens", "sampling")
-    timers.wrap(policy_module.PolicyHandle, "decode", "decode completions to text")
+    timers.wrap(policy_module.Policy, "decode", "decode completions to text")
     timers.wrap(RewardRunner, "__call__", "reward", top=True)
-    timers.wrap(policy_module.PolicyHandle, "behaviour_pass", "old logprobs", top=True)
-    timers.wrap(policy_module.PolicyHandle, "update", "updates", top=True)
-    timers.wrap(policy_module, "hidden_states", "backbone forward")
-    timers.wrap(policy_module, "token_logprobs", "log-prob head")
-    timers.wrap(policy_module, "fused_token_policy_loss", "fused log-prob + loss head (forward)")
-    timers.wrap(policy_module, "policy_loss", "diagnostics (policy_loss metrics)")
+    timers.wrap(phases, "behaviour_pass", "old logprobs", top=True)
+    timers.wrap(phases, "policy_update", "updates", top=True)
+    timers.wrap(teacher_forcing, "hidden_states", "backbone forward")
+    timers.wrap(teacher_forcing, "token_logprobs", "log-prob head")
+    timers.wrap(update_module, "fused_token_policy_loss", "fused log-prob + loss head (forward)")
+    timers.wrap(update_module, "policy_loss", "diagnostics (policy_loss metrics)")
     timers.wrap(routing, "routing_changed_fraction", "diagnostics (routing changed)")
     timers.wrap(routing, "expert_load_entropy", "diagnostics (expert load entropy)")
     timers.wrap(torch.Tensor, "backward", "backward")

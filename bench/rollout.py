@@ -24,7 +24,7 @@ import time
 import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig, Qwen3MoeForCausalLM
 
-from sapo.rollout import TorchEngine, make_engine
+from sapo.rollout import SamplingParams, TorchEngine, make_engine
 
 ENGINES = ("hf", "torch-hf", "torch-lean")
 
@@ -57,10 +57,7 @@ def timed_run(engine, prompts, eos_ids, args, seed: int) -> tuple[float, int]:
     if args.device == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
-    batch = engine.generate(
-        prompts, max_new_tokens=args.new_tokens, temperature=1.0, eos_token_ids=eos_ids, pad_token_id=0,
-        generator=generator,
-    )
+    batch = engine.generate(prompts, SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0, eos_token_ids=eos_ids, pad_token_id=0, generator=generator))
     if args.device == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - start, batch.num_completion_tokens

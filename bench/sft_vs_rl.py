@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from sapo.config import build_config
-from sapo.evaluate import evaluate_items
+from sapo.evaluate import EvalSettings, evaluate_items
 from sapo.rollout import make_engine
 from sapo.tracking import read_metrics
 from sapo.training.policy import load_policy
@@ -60,7 +60,7 @@ def main() -> None:
     sft_seconds = time.perf_counter() - t0
 
     engine = make_engine(cfg.engine, policy.model)
-    result = evaluate_items(engine, policy, task.eval, task.correctness, cfg,
+    result = evaluate_items(engine, policy, task.eval, task.correctness, EvalSettings.from_config(cfg),
                             generator=torch.Generator().manual_seed(cfg.seed * 7919 + cfg.max_steps))
     start, end = evals[0], evals[-1]
     keys = [k for k in ("eval/pass@1", "eval/greedy", "eval/pass@8") if k in start]

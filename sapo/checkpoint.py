@@ -31,6 +31,9 @@ class NonFiniteError(RuntimeError):
     """Training produced NaN/inf (too many skipped updates, or weights that must not be saved)."""
 
 
+EXIT_NONFINITE = 3  # `sapo train`'s exit code when it stops on NonFiniteError (1 stays "crashed")
+
+
 def kill_point_for_tests(where: str, step: int) -> None:
     """Crash-safety test hook: with SAPO_TEST_KILL_AT=<where>:<step>, SIGKILL this process here.
 

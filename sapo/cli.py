@@ -5,7 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
+from sapo.checkpoint import EXIT_NONFINITE
 from sapo.config import ConfigError, build_config, help_text, parse_overrides
+
+# Exit codes: 0 done, 1 a crash (a bug or an unexpected error: a traceback), 2 a config or input error the
+# message says how to fix, 3 (EXIT_NONFINITE) stopped because too many updates in a row were non-finite
+# (the last checkpoint is clean; lower lr or check the rewards), 130 interrupted (Ctrl-C twice).
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                 train(cfg, overrides)
             except NonFiniteError as err:
                 print(f"sapo train: stopped: {err}", file=sys.stderr)
-                return 1
+                return EXIT_NONFINITE
             finally:
                 destroy()  # leave the torchrun process group, if train joined one
         else:

@@ -7,7 +7,7 @@ not by the study part that asked for it, so a config shared by two parts (e.g. `
 continues where it stopped. The summary (table.md/csv, frontier, plots) is rebuilt from metrics.jsonl.
 
 Collapse (docs/moe_study.md): a run collapsed when any of
-  - it stopped on non-finite updates (exit 1) or logged a non-finite Pass@1 / loss / reward,
+  - it stopped on non-finite updates (exit 3) or logged a non-finite Pass@1 / loss / reward,
   - held-out Pass@1 fell below DROP x its best at an evaluation after the best (best >= MIN_BEST),
   - the mean completion length stayed at >= CAP_FRAC x max_completion_length for CAP_WINDOW steps.
 """
@@ -26,11 +26,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from sapo.checkpoint import EXIT_NONFINITE
 from sapo.tracking import read_metrics
 
 OBJECTIVES = ("sapo", "gspo", "grpo", "grpo_r2")  # row labels; grpo_r2 = GRPO clip 0.2/0.27 + R2 replay
 MOE, DENSE = "builtin:arith-moe", "builtin:arith-dense"
-NONFINITE_MARK = "consecutive updates had non-finite"  # what `sapo train` prints when it stops on NaN/inf (exit 1)
 DROP, MIN_BEST, CAP_FRAC, CAP_WINDOW = 0.5, 0.05, 0.95, 5
 RUN_STATUS = "study_run.json"  # written next to metrics.jsonl when the subprocess ends
 
@@ -222,8 +222,7 @@ def _run_one(spec: RunSpec, base: dict, run_dir: Path, env: dict) -> int:
         log.flush()
         rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                             cwd=Path(__file__).resolve().parents[1]).returncode
-    # exit 1 is also any uncaught error: only the trainer's own message marks a non-finite stop
-    nonfinite = rc == 1 and NONFINITE_MARK in (run_dir / "study.log").read_text()[-4000:]
+    nonfinite = rc == EXIT_NONFINITE  # the trainer's own code for a stop on non-finite updates
     (run_dir / RUN_STATUS).write_text(json.dumps({"returncode": rc, "nonfinite_stop": nonfinite,
                                                   "seconds": round(time.time() - t0, 1)}))
     return rc

@@ -116,7 +116,11 @@ class TrainConfig:
     top_p: float = _opt(1.0, "nucleus sampling threshold", group="rollout")
     top_k: int = _opt(0, "top-k sampling (0 = off)", group="rollout")
     max_completion_length: int = _opt(48, "maximum new tokens per completion", group="rollout")
-    engine: str = _opt("torch", "rollout engine", ("torch", "hf"), group="rollout")
+    engine: str = _opt(
+        "torch", "rollout engine, by registered name: torch (ours, KV cache, lean Qwen3 path), torch-copy (the same "
+        "on its own copy of the weights, refreshed after every step), hf (HF generate), or one added with "
+        "sapo.rollout.register_engine", group="rollout",
+    )
 
     # ---- objective ------------------------------------------------------------------------
     loss_type: str = _opt("sapo", "policy objective", LOSS_TYPES, group="objective")
@@ -176,7 +180,13 @@ class TrainConfig:
     eval_num_samples: int = _opt(8, "samples per problem for Pass@1 (avg@n) and pass@k", group="eval")
     eval_pass_k: list[int] = _opt([1, 8], "k values for unbiased pass@k", group="eval")
     eval_temperature: float = _opt(-1.0, "eval sampling temperature (-1: the training temperature)", group="eval")
+    eval_top_p: float = _opt(-1.0, "eval nucleus threshold (-1: the training top_p)", group="eval")
+    eval_top_k: int = _opt(-1, "eval top-k (-1: the training top_k; 0 = off)", group="eval")
     eval_greedy: bool = _opt(True, "also report greedy accuracy", group="eval")
+    eval_batch_size: int = _opt(
+        0, "completions per generate call in evaluation (0: 512 during training, 64 in sapo eval, whose "
+        "progress bar moves once per call)", group="eval",
+    )
 
     # ---- run ------------------------------------------------------------------------------
     output_dir: str = _opt("runs/sapo-default", "where config, metrics, samples, checkpoints and the report go")
@@ -206,7 +216,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        nonneg = ("router_aux_loss_coef", "micro_batch_size", "micro_batch_tokens", "warmup_steps", "weight_decay", "max_grad_norm", "beta", "eval_steps", "top_k",
+        nonneg = ("eval_batch_size", "router_aux_loss_coef", "micro_batch_size", "micro_batch_tokens", "warmup_steps", "weight_decay", "max_grad_norm", "beta", "eval_steps", "top_k",
                   "save_steps", "threads", "lora_rank", "warmstart_steps", "tis_cap", "log_samples", "logprob_chunk_size")
         for name in nonneg:
             if getattr(self, name) < 0:
@@ -224,6 +234,15 @@ class TrainConfig:
             raise ConfigError(f"adam_beta1 and adam_beta2 must be in [0, 1), got {self.adam_beta1}, {self.adam_beta2}")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not (0 < self.eval_top_p <= 1 or self.eval_top_p == -1):
+            raise ConfigError(f"eval_top_p must be in (0, 1], or -1 for the training top_p, got {self.eval_top_p}")
+        if self.eval_top_k < -1:
+            raise ConfigError(f"eval_top_k must be >= 0, or -1 for the training top_k, got {self.eval_top_k}")
+        from sapo.rollout.registry import engine_names
+
+        if self.engine not in engine_names():
+            raise ConfigError(f"engine={self.engine!r} is not a registered rollout engine; choose one of "
+                              f"{', '.join(engine_names())}")
         if self.tau_pos <= 0 or self.tau_neg <= 0:
             raise ConfigError(f"tau_pos and tau_neg must be > 0, got {self.tau_pos}, {self.tau_neg}")
         if self.num_generations < 2:
@@ -263,9 +282,9 @@ class TrainConfig:
             raise ConfigError("old_logprobs=sampler records no old-policy routing: it cannot be combined with R2 "
                               "replay (routing_replay=R2 / loss_type=grpo_r2); use old_logprobs=recompute, or "
                               "routing_replay=R3 (the sampler's own experts)")
-        if self.routing_replay == "R3" and self.engine != "torch":
-            raise ConfigError("routing_replay=R3 replays the experts recorded during generation, which only "
-                              "engine=torch records; use engine=torch or routing_replay=R2")
+        if self.routing_replay == "R3" and self.engine == "hf":
+            raise ConfigError("routing_replay=R3 replays the experts recorded during generation, which engine=hf "
+                              "does not record; use engine=torch or routing_replay=R2")
         if self.routing_replay == "R3" and self.loss_type == "grpo_r2":
             raise ConfigError("loss_type=grpo_r2 implies routing_replay=R2; for R3 use loss_type=grpo "
                               "epsilon_high=0.27 routing_replay=R3")

@@ -269,7 +269,7 @@ def reduce_metrics(metrics: dict[str, float]) -> dict[str, float]:
         return metrics
     rows: list[dict] = [{} for _ in range(world_size())]
     dist.all_gather_object(rows, metrics)
-    from sapo.training.batch import merge_metrics
+    from sapo.tracking import merge_metrics
 
     return merge_metrics(rows, sum_prefixes=SUM_PREFIXES)
 

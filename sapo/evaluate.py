@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sapo.rollout.base import SamplingParams
+
 
 def pass_at_k(n: int, c: int, k: int) -> float:
     """Unbiased pass@k for one problem with n samples of which c are correct."""
@@ -53,6 +55,33 @@ def summarize(correct: Sequence[Sequence[float]], ks: Sequence[int], prefix: str
     return out
 
 
+@dataclass(frozen=True)
+class EvalSettings:
+    """How evaluation samples and what it reports (the eval_* config keys, resolved)."""
+
+    num_samples: int = 8  # samples per problem: Pass@1 is avg@n
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    max_new_tokens: int = 48
+    ks: tuple[int, ...] = (1,)
+    greedy: bool = True  # also greedy accuracy
+    batch_rows: int = 512  # completions per generate call
+
+    @classmethod
+    def from_config(cls, cfg, *, batch_rows: int | None = None) -> EvalSettings:
+        """Evaluation samples from the training distribution (temperature, top_p, top_k) unless an
+        eval_* key says otherwise (-1 = the training value)."""
+        return cls(
+            num_samples=cfg.eval_num_samples,
+            temperature=cfg.temperature if cfg.eval_temperature < 0 else cfg.eval_temperature,
+            top_p=cfg.top_p if cfg.eval_top_p < 0 else cfg.eval_top_p,
+            top_k=cfg.top_k if cfg.eval_top_k < 0 else cfg.eval_top_k,
+            max_new_tokens=cfg.max_completion_length, ks=tuple(int(k) for k in cfg.eval_pass_k),
+            greedy=cfg.eval_greedy, batch_rows=batch_rows or cfg.eval_batch_size or 512,
+        )
+
+
 @torch.no_grad()
 def evaluate(
     engine,
@@ -61,61 +90,48 @@ def evaluate(
     answers: list[str],
     reward_fn: Callable[[list[str], list[str], list[str]], list[float]],
     decode: Callable[[list[int]], str],
+    sampling: SamplingParams,
+    settings: EvalSettings,
     *,
-    num_samples: int,
-    temperature: float,
-    max_new_tokens: int,
-    eos_token_ids: list[int],
-    pad_token_id: int,
-    ks: Sequence[int] = (1,),
-    greedy: bool = True,
-    generator: torch.Generator | None = None,
-    batch_rows: int = 512,
     extra_inputs: list[dict] | None = None,
     prefix: str = "eval",
+    progress: Callable[[int], None] | None = None,
 ) -> EvalResult:
-    """Sample num_samples completions per problem, grade them with the training reward code."""
+    """Sample settings.num_samples completions per problem with `sampling` (its generator is the
+    stream), grade them with the training reward code; greedy accuracy with the same limits.
+    `progress(n)` is called after each generate call with the number of completions it made."""
     if not (len(prompt_ids) == len(prompts) == len(answers)):
         raise ValueError("prompt_ids, prompts and answers must have the same length")
+    num_samples, batch_rows = settings.num_samples, settings.batch_rows
     rows = [(i, j) for i in range(len(prompt_ids)) for j in range(num_samples)]
     correct = [[0.0] * num_samples for _ in prompt_ids]
     completions_text: dict[tuple[int, int], str] = {}
     lengths = []
     for start in range(0, len(rows), batch_rows):
         chunk = rows[start : start + batch_rows]
-        batch = engine.generate(
-            [prompt_ids[i] for i, _ in chunk],
-            max_new_tokens=max_new_tokens,
-            temperature=temperature,
-            eos_token_ids=eos_token_ids,
-            pad_token_id=pad_token_id,
-            generator=generator,
-            extra_inputs=[extra_inputs[i] for i, _ in chunk] if extra_inputs else None,
-        )
+        batch = engine.generate([prompt_ids[i] for i, _ in chunk], sampling,
+                                extra_inputs=[extra_inputs[i] for i, _ in chunk] if extra_inputs else None)
         texts = [decode(c) for c in batch.completion_ids]
         lengths += [len(c) for c in batch.completion_ids]
         scores = reward_fn([prompts[i] for i, _ in chunk], texts, [answers[i] for i, _ in chunk])
         for (i, j), text, score in zip(chunk, texts, scores):
             correct[i][j] = 1.0 if score >= 1.0 else 0.0
             completions_text[(i, j)] = text
-    metrics = summarize(correct, ks, prefix)
+        if progress is not None:
+            progress(len(chunk))
+    metrics = summarize(correct, settings.ks, prefix)
     metrics[f"{prefix}/completion_length"] = sum(lengths) / max(1, len(lengths))
-    if greedy:
-        greedy_correct = 0
+    if settings.greedy:
+        greedy_correct, greedy = 0, sampling.greedy_variant()
         for start in range(0, len(prompt_ids), batch_rows):
             idx = list(range(start, min(len(prompt_ids), start + batch_rows)))
-            batch = engine.generate(
-                [prompt_ids[i] for i in idx],
-                max_new_tokens=max_new_tokens,
-                temperature=1.0,
-                greedy=True,
-                eos_token_ids=eos_token_ids,
-                pad_token_id=pad_token_id,
-                extra_inputs=[extra_inputs[i] for i in idx] if extra_inputs else None,
-            )
+            batch = engine.generate([prompt_ids[i] for i in idx], greedy,
+                                    extra_inputs=[extra_inputs[i] for i in idx] if extra_inputs else None)
             texts = [decode(c) for c in batch.completion_ids]
             scores = reward_fn([prompts[i] for i in idx], texts, [answers[i] for i in idx])
             greedy_correct += sum(1 for s in scores if s >= 1.0)
+            if progress is not None:
+                progress(len(idx))
         metrics[f"{prefix}/greedy"] = greedy_correct / len(prompt_ids)
     samples = [
         {"prompt": prompts[i], "completion": completions_text[(i, 0)], "answer": answers[i], "correct": correct[i][0]}
@@ -124,18 +140,18 @@ def evaluate(
     return EvalResult(metrics, [int(round(sum(r))) for r in correct], samples)
 
 
-def evaluate_items(engine, policy, items, correctness, cfg, *, generator: torch.Generator,
-                   prefix: str = "eval") -> EvalResult:
-    """`evaluate` on the trainer's prompt items, with the settings a TrainConfig gives (eval_* keys;
-    eval_temperature < 0 means the training temperature). The one call the loop, `sapo eval` and
-    the benchmarks share."""
+def evaluate_items(engine, policy, items, correctness, settings: EvalSettings, *, generator: torch.Generator,
+                   prefix: str = "eval", progress: Callable[[int], None] | None = None) -> EvalResult:
+    """`evaluate` on the trainer's prompt items with the policy's EOS / padding ids. The one call the
+    loop, `sapo eval` and the benchmarks share."""
+    sampling = SamplingParams(
+        max_new_tokens=settings.max_new_tokens, eos_token_ids=tuple(policy.eos_token_ids),
+        pad_token_id=policy.pad_token_id, temperature=settings.temperature, top_p=settings.top_p,
+        top_k=settings.top_k, generator=generator,
+    )
     return evaluate(
         engine, [e.prompt_ids for e in items], [e.prompt_text for e in items], [e.answer for e in items],
-        correctness, policy.decode, num_samples=cfg.eval_num_samples,
-        temperature=cfg.temperature if cfg.eval_temperature < 0 else cfg.eval_temperature,
-        max_new_tokens=cfg.max_completion_length, eos_token_ids=policy.eos_token_ids,
-        pad_token_id=policy.pad_token_id, ks=[int(k) for k in cfg.eval_pass_k], greedy=cfg.eval_greedy,
-        generator=generator, prefix=prefix,
+        correctness, policy.decode, sampling, settings, prefix=prefix, progress=progress,
         extra_inputs=[e.extra or {} for e in items] if any(e.extra for e in items) else None,
     )
 
@@ -153,13 +169,21 @@ def run_eval(cfg) -> dict[str, float]:
         raise ConfigError("sapo eval needs eval_dataset=... (e.g. math500:../shared/data/math500/test.jsonl)")
     policy = load_policy(cfg)
     engine = make_engine(cfg.engine, policy.model)
+    settings = EvalSettings.from_config(cfg, batch_rows=cfg.eval_batch_size or 64)  # small calls: visible progress
     table, all_metrics = [], {}
     for spec in specs:
         sub = type(cfg)(**{**cfg.__dict__, "eval_dataset": spec, "dataset": spec})
         task = load_task(sub, policy.tokenizer, policy.processor, eval_only=True)
         name = spec.split(":", 1)[0] if ":" in spec else spec
-        result = evaluate_items(engine, policy, task.eval, task.correctness, cfg,
-                                generator=torch.Generator().manual_seed(cfg.seed), prefix=f"eval/{name}")
+        total = len(task.eval) * (settings.num_samples + (1 if settings.greedy else 0))
+        bar = _progress_bar(total, f"sapo eval {name}", enabled=cfg.progress)
+        try:
+            result = evaluate_items(engine, policy, task.eval, task.correctness, settings,
+                                    generator=torch.Generator().manual_seed(cfg.seed), prefix=f"eval/{name}",
+                                    progress=bar.update if bar is not None else None)
+        finally:
+            if bar is not None:
+                bar.close()
         all_metrics.update(result.metrics)
         table.append((name, result.metrics))
     ks = [int(k) for k in cfg.eval_pass_k if int(k) != 1]
@@ -172,3 +196,12 @@ def run_eval(cfg) -> dict[str, float]:
         print(f"| {name} | {int(m[f'{p}/num_problems'])} | {m[f'{p}/pass@1']:.3f} | {cells} | "
               f"{m.get(f'{p}/greedy', float('nan')):.3f} |")
     return all_metrics
+
+
+def _progress_bar(total: int, desc: str, *, enabled: bool):
+    """A tqdm bar over completions (to stderr), or None when progress is off."""
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=desc, unit="completion", dynamic_ncols=True)

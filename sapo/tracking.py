@@ -108,3 +108,23 @@ class NullLogger:
 def read_metrics(output_dir: str | Path) -> list[dict]:
     """The rows of a run's metrics.jsonl (empty when there is none)."""
     return [row for _, row in _jsonl_rows(Path(output_dir) / "metrics.jsonl")]
+
+
+def merge_metrics(rows: list[dict[str, float]], *, sum_prefixes: tuple[str, ...] = ()) -> dict[str, float]:
+    """One row from several (micro-batches, updates or ranks): */min and */max exactly, keys under
+    sum_prefixes summed, everything else averaged; non-finite and non-numeric values are left out."""
+    out: dict[str, float] = {}
+    for key in sorted({k for r in rows for k in r}):
+        vals = [r[key] for r in rows
+                if isinstance(r.get(key), int | float) and not isinstance(r[key], bool) and math.isfinite(r[key])]
+        if not vals:
+            continue
+        if key.endswith("/min"):
+            out[key] = min(vals)
+        elif key.endswith("/max"):
+            out[key] = max(vals)
+        elif sum_prefixes and key.startswith(sum_prefixes):
+            out[key] = sum(vals)
+        else:
+            out[key] = sum(vals) / len(vals)
+    return out

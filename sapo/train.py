@@ -1,9 +1,10 @@
-"""The RL recipe: rollout -> reward -> group advantages -> old log-probs -> mini-batch updates.
+"""The RL recipe: collect -> score -> advantages -> behaviour log-probs -> updates -> sync.
 
-Read top to bottom; `train(cfg)` is the whole loop. One "step" is one rollout batch
-(prompts_per_step x num_generations completions) followed by `num_minibatches` optimizer updates
-over it, which is what makes the update off-policy (SAPO.md: with one update per rollout, SAPO,
-GSPO and GRPO are all the plain policy gradient).
+`train(cfg)` sets the run up and then loops over RL steps; each step calls the phases of
+`sapo.training.phases` in order over a `TrainerState` (exactly what a checkpoint restores). One
+"step" is one rollout batch (prompts_per_step x num_generations completions) followed by
+`num_minibatches` optimizer updates over it, which is what makes the update off-policy (SAPO.md:
+with one update per rollout, SAPO, GSPO and GRPO are all the plain policy gradient).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import random
 import signal
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,49 +23,18 @@ import torch
 from sapo import checkpoint as ckpt
 from sapo import distributed
 from sapo.config import ConfigError, TrainConfig, build_config, save_config
-from sapo.evaluate import evaluate_items
-from sapo.models import routing as moe_routing
-from sapo.rollout import make_engine
+from sapo.evaluate import EvalSettings, evaluate_items
+from sapo.rollout import RolloutEngine, make_engine
 from sapo.tracking import NullLogger, RunLogger
-from sapo.training.batch import (
-    completion_positions,
-    group_advantages,
-    merge_metrics,
-    pack_rollout,
-    select_rows,
-)
-from sapo.training.policy import PolicyHandle, load_policy
+from sapo.training import phases
+from sapo.training.policy import Policy, load_policy
+from sapo.training.reference import make_reference
+from sapo.training.state import PromptSampler, TrainerState
 from sapo.training.tasks import TaskData, load_task
+from sapo.training.teacher_forcing import ForwardSettings, TeacherForcing
+from sapo.training.update import UpdateSettings
 
-NonFiniteError = ckpt.NonFiniteError  # raised when too many updates are non-finite (CLI exit 1)
-
-
-# ---------------------------------------------------------------------------------------------
-# Data order: a seeded permutation per epoch, so the position is two integers in the checkpoint
-
-
-class PromptSampler:
-    def __init__(self, size: int, seed: int, epoch: int = 0, index: int = 0):
-        if size == 0:
-            raise ValueError("the training set is empty")
-        self.size, self.seed, self.epoch, self.index = size, seed, epoch, index
-        self._perm = self._permutation()
-
-    def _permutation(self) -> list[int]:
-        return np.random.RandomState((self.seed * 1_000_003 + self.epoch) % 2**32).permutation(self.size).tolist()
-
-    def next(self, n: int) -> list[int]:
-        out = []
-        while len(out) < n:
-            if self.index >= self.size:
-                self.epoch, self.index = self.epoch + 1, 0
-                self._perm = self._permutation()
-            out.append(self._perm[self.index])
-            self.index += 1
-        return out
-
-    def state(self) -> dict:
-        return {"epoch": self.epoch, "index": self.index}
+NonFiniteError = ckpt.NonFiniteError  # raised when too many updates are non-finite (CLI exit 3)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -95,13 +66,6 @@ def _param_groups(model, cfg: TrainConfig) -> list[dict]:
         scale = cfg.norm_lr_scale if cfg.norm_lr_scale >= 0 else (100.0 if cfg.model.startswith("builtin:") else 1.0)
         groups.append({"params": norms, "lr": cfg.lr * scale, "weight_decay": 0.0})
     return groups
-
-
-def _generation_routing(engine, tensors) -> torch.Tensor:
-    """The experts the rollout engine chose, [L, N, P + C, k] in the columns of the packed rollout
-    (the engine's covers P + max_new_tokens - 1: the last sampled token was never fed; -1 = unset)."""
-    routing, width = engine.last_routing, tensors.input_ids.shape[1]
-    return routing[:, :, :width] if routing.shape[2] >= width else moe_routing.pad_routing(routing, width)
 
 
 def _make_scheduler(optimizer, cfg: TrainConfig, total_updates: int):
@@ -186,7 +150,29 @@ def resolve_resume(cfg: TrainConfig, overrides: dict) -> tuple[TrainConfig, Path
 
 
 # ---------------------------------------------------------------------------------------------
-# The loop
+# The run: what setup builds once, and the loop
+
+
+@dataclass
+class Run:
+    """The parts of a run that setup builds once; the loop reads them (no methods, no hidden state)."""
+
+    cfg: TrainConfig
+    info: distributed.DistInfo
+    out_dir: Path
+    policy: Policy
+    task: TaskData
+    engine: RolloutEngine
+    forward: TeacherForcing
+    reference: object | None  # sapo.training.reference.*, when beta > 0
+    update: UpdateSettings
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LambdaLR
+    rollout_gen: torch.Generator
+    sampler: PromptSampler
+    state: TrainerState
+    counter_base: dict[str, float]
+    resumed: bool
 
 
 def train(cfg: TrainConfig, overrides: dict | None = None) -> dict:
@@ -204,6 +190,118 @@ def train(cfg: TrainConfig, overrides: dict | None = None) -> dict:
             print(f"[sapo] run in {cfg.output_dir} already finished at step {done} (max_steps={cfg.max_steps}); "
                   "nothing to do", flush=True)
             return {"step": done, "finished": True}
+    run = setup(cfg, checkpoint_path)
+    state, info = run.state, run.info
+    logger = RunLogger(run.out_dir, tensorboard=cfg.tensorboard,
+                       resume_step=state.step if run.resumed else None) if info.is_main else NullLogger()
+    progress = _progress_bar(cfg, state.step) if info.is_main else None
+    step_metrics: dict[str, float] = {}
+    with _StopFlag() as stop:
+        if state.step == 0 and cfg.eval_steps:
+            eval_metrics = evaluate_policy(run, 0)
+            logger.log(0, eval_metrics)
+            step_metrics = {"step": 0, **eval_metrics}
+            state.best_eval = eval_metrics.get("eval/pass@1")
+            _show(progress, step_metrics)
+        while state.step < cfg.max_steps:
+            state.step += 1
+            metrics, samples = rl_step(run)
+            # evaluation, logging, checkpoints
+            last = state.step == cfg.max_steps
+            if cfg.eval_steps and (state.step % cfg.eval_steps == 0 or last):
+                metrics.update(evaluate_policy(run, state.step))
+                if "eval/pass@1" in metrics:
+                    state.best_eval = max(state.best_eval or 0.0, metrics["eval/pass@1"])
+            logger.log(state.step, metrics)
+            if cfg.log_samples:
+                logger.log_samples(state.step, samples)
+            step_metrics = {"step": state.step, **metrics}
+            _show(progress, step_metrics)
+            stopping = distributed.any_true(stop.requested)  # every rank stops at the same step
+            if last or stopping or (cfg.save_steps and state.step % cfg.save_steps == 0):
+                save(run)
+                logger.flush()
+            if stopping:
+                print(f"[sapo] stopped at step {state.step}; resume with: sapo train resume={run.out_dir}", flush=True)
+                break
+    if progress is not None:
+        progress.close()
+    logger.close()
+    if state.step >= cfg.max_steps:
+        distributed.save_final_model(run.policy, run.out_dir / "final_model", info)
+        if cfg.report and info.is_main:
+            from sapo.report import write_report
+
+            write_report(run.out_dir)
+    return step_metrics
+
+
+def rl_step(run: Run) -> tuple[dict[str, float], list[dict]]:
+    """One RL step on run.state.step: the phases in order; returns the step's metrics row and a few
+    of its completions for samples.jsonl."""
+    cfg, state, info = run.cfg, run.state, run.info
+    t_step = time.perf_counter()
+    run.policy.model.train()
+    # 1. sample prompts, roll out G completions each (several processes: every rank draws the step's
+    # prompts and keeps its own slice of whole groups, with its own sampling stream)
+    prompt_indices = distributed.rank_slice(run.sampler.next(cfg.prompts_per_step), info)
+    if info.enabled:  # a resume draws the same completions
+        run.rollout_gen.manual_seed(distributed.rollout_seed(cfg.seed, state.step, info))
+    sampling = run.policy.sampling(max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
+                                   top_p=cfg.top_p, top_k=cfg.top_k, generator=run.rollout_gen,
+                                   record_experts=cfg.routing_replay == "R3")
+    rollout = phases.collect(run.engine, run.policy, run.task, prompt_indices, num_generations=cfg.num_generations,
+                             sampling=sampling)
+    # 2. rewards, 3. group-normalised advantages
+    scored = phases.score(rollout, run.task, run.policy.decode, cfg.num_generations)
+    adv = phases.advantages(rollout, scored, scale_rewards=cfg.scale_rewards, drop_equal_groups=cfg.drop_equal_groups,
+                            pad_token_id=run.policy.pad_token_id, mask_truncated=cfg.mask_truncated)
+    metrics = {**adv.metrics, **scored.metrics}
+    metrics.update(_run_counters(scored.metrics, run.counter_base, state.reward_counters))
+    metrics.update({f"data/skipped/{k}": float(v) for k, v in run.task.skipped.items()})  # e.g. too long
+    t_old = t_update = 0.0
+    if len(adv.keep_rows) > 0:
+        # 4. behaviour (old) log-probs, once, before any update; the routing they used (MoE)
+        beh = phases.behaviour(run.policy, run.forward, run.reference, rollout, adv,
+                               need_old=cfg.num_minibatches > 1 or cfg.tis_cap > 0,
+                               routing_replay=cfg.routing_replay, old_logprobs=cfg.old_logprobs, tis_cap=cfg.tis_cap)
+        metrics.update(beh.metrics)
+        # 5. num_minibatches sequential updates over the rollout batch
+        try:
+            opt = phases.optimize(
+                run.policy, run.forward, run.optimizer, run.scheduler, adv, beh,
+                _minibatches(cfg, state.step, info, adv.keep_rows, scored.rewards.numel()), run.update,
+                nonfinite_run=state.nonfinite_run, max_nonfinite=cfg.max_consecutive_nonfinite,
+                after_update=lambda: ckpt.kill_point_for_tests("step", state.step),  # crash-safety tests only
+            )
+        except phases.TooManyNonFinite as err:
+            raise NonFiniteError(
+                f"{err.args[0]} consecutive updates had non-finite loss or gradients (step {state.step}); "
+                "the weights were left untouched and the last checkpoint is clean. Lower lr, "
+                "check rewards for NaN, or raise max_consecutive_nonfinite."
+            ) from None
+        state.nonfinite_total += opt.skipped
+        state.nonfinite_run = opt.nonfinite_run
+        metrics.update(opt.metrics)
+        t_old, t_update = beh.seconds, opt.seconds
+    # 6. the rollout engine gets the new weights (a copy-holding engine copies them in)
+    t_sync = phases.sync_weights(run.engine, run.policy.model, version=state.step)
+    state.policy_version = state.step
+    batch = rollout.batch
+    metrics.update({
+        "nonfinite/skipped_total": float(state.nonfinite_total),
+        "lr": run.scheduler.get_last_lr()[0],
+        "time/rollout": rollout.seconds, "time/reward": scored.seconds, "time/old_logprobs": t_old,
+        "time/update": t_update, "time/sync": t_sync, "time/step": time.perf_counter() - t_step,
+        "tokens/completion_per_s": batch.num_completion_tokens / max(rollout.seconds, 1e-9),
+        "rollout/policy_lag": float(state.step - 1 - batch.policy_version),
+    })
+    samples = _sample_rows(scored, adv, cfg.log_samples) if cfg.log_samples else []
+    return distributed.reduce_metrics(metrics), samples  # one row for all ranks
+
+
+def setup(cfg: TrainConfig, checkpoint_path: Path | None) -> Run:
+    """Build everything the loop reads: model, data, engine, optimizer; restore a checkpoint."""
     out_dir = Path(cfg.output_dir)
     if not cfg.resume and ckpt.list_checkpoints(out_dir):
         raise ConfigError(
@@ -218,221 +316,80 @@ def train(cfg: TrainConfig, overrides: dict | None = None) -> dict:
         torch.set_num_threads(cfg.threads)
     _seed_everything(cfg.seed)
 
-    # -- model, reference, data ---------------------------------------------------------------
     with distributed.main_first(info):  # rank 0 builds a built-in model's cache, the others read it
-        policy: PolicyHandle = load_policy(cfg)
-    task: TaskData = load_task(cfg, policy.tokenizer, policy.processor)
+        policy = load_policy(cfg)
+    task = load_task(cfg, policy.tokenizer, policy.processor)
     model = policy.model
     if info.is_main:
         save_config(cfg, out_dir / "config.yaml")
     # the KL reference is the starting policy: copy it before sharding or a checkpoint changes the weights
-    reference = policy.reference() if cfg.beta > 0 else None
+    reference = make_reference(model, lora=policy.lora) if cfg.beta > 0 else None
     distributed.prepare_model(model, info)  # FSDP2 / replicated; before the optimizer sees the parameters
-
     optimizer = torch.optim.AdamW(
         _param_groups(model, cfg), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay,
         eps=1e-8,
     )
-    total_updates = cfg.max_steps * cfg.num_minibatches
-    scheduler = _make_scheduler(optimizer, cfg, total_updates)
+    scheduler = _make_scheduler(optimizer, cfg, cfg.max_steps * cfg.num_minibatches)
     rollout_gen = torch.Generator().manual_seed(cfg.seed)
-    sampler = PromptSampler(len(task.train), cfg.seed)
-    start_step, nonfinite_total, nonfinite_run, best_eval = 0, 0, 0, None
+    state = TrainerState(max_steps=cfg.max_steps, world_size=info.world_size)
     # reward counters count per process; a run logs them from its own start, across resumes
-    counter_base, counter_offset = _counters(task.rewards.metrics()), {}
-
+    counter_base = _counters(task.rewards.metrics())
     if checkpoint_path is not None:
-        state = ckpt.load_checkpoint(
+        saved = ckpt.load_checkpoint(
             checkpoint_path, model=model, optimizer=optimizer, scheduler=scheduler, generators={"rollout": rollout_gen},
             load_full_state=(lambda w, o: distributed.load_full_state(model, optimizer, w, o)) if info.enabled else None,
         )
-        start_step = state["step"]
-        sampler = PromptSampler(len(task.train), cfg.seed, **state["data"])
-        nonfinite_total = state.get("nonfinite_total", 0)
-        nonfinite_run = state.get("nonfinite_run", 0)
-        counter_offset = state.get("reward_counters", {}) if info.is_main else {}  # saved summed over ranks
-        best_eval = state.get("best_eval")
-        print(f"[sapo] resuming {out_dir} from step {start_step}", flush=True)
-
-    # rows after the checkpoint are dropped; with no checkpoint the run starts over with fresh files
-    logger = RunLogger(out_dir, tensorboard=cfg.tensorboard,
-                       resume_step=start_step if checkpoint_path is not None else None) if info.is_main else NullLogger()
+        state = TrainerState.from_dict(saved)
+        state.max_steps, state.world_size = cfg.max_steps, info.world_size
+        if not info.is_main:
+            state.reward_counters = {}  # saved summed over ranks: rank 0 carries them
+        print(f"[sapo] resuming {out_dir} from step {state.step}", flush=True)
     engine = make_engine(cfg.engine, model)
-    # R3: the rollout engine records each MoE layer's chosen experts; evaluation does not need them
-    rollout_engine = make_engine(cfg.engine, model, record_experts=True) if cfg.routing_replay == "R3" else engine
-    loss_options = policy.loss_options(cfg)
+    if engine.owns_weights or state.policy_version:
+        phases.sync_weights(engine, model, version=state.policy_version)
+    return Run(
+        cfg=cfg, info=info, out_dir=out_dir, policy=policy, task=task, engine=engine,
+        forward=TeacherForcing(ForwardSettings.from_config(cfg), pad_token_id=policy.pad_token_id,
+                               device=policy.device),
+        reference=reference, update=UpdateSettings.from_config(cfg), optimizer=optimizer, scheduler=scheduler,
+        rollout_gen=rollout_gen, sampler=PromptSampler(len(task.train), cfg.seed, state.data_epoch, state.data_index),
+        state=state, counter_base=counter_base, resumed=checkpoint_path is not None,
+    )
 
-    def run_eval(step: int) -> dict[str, float]:
-        if not task.eval:
+
+def evaluate_policy(run: Run, step: int) -> dict[str, float]:
+    """Held-out evaluation: rank 0 evaluates on the full weights, the others wait. Its own sampling
+    stream, so evaluating never shifts training's RNG."""
+    if not run.task.eval:
+        return {}
+    with distributed.gathered(run.policy.model):
+        if not run.info.is_main:
             return {}
-        with distributed.gathered(model):  # rank 0 evaluates on the full weights; the others wait
-            return _eval(step) if info.is_main else {}
-
-    def _eval(step: int) -> dict[str, float]:
         t0 = time.perf_counter()
-        own_stream = torch.Generator().manual_seed(cfg.seed * 7919 + step)  # eval never shifts training's RNG
-        result = evaluate_items(engine, policy, task.eval, task.correctness, cfg, generator=own_stream)
+        own_stream = torch.Generator().manual_seed(run.cfg.seed * 7919 + step)
+        engine = make_engine(run.cfg.engine, run.policy.model) if run.engine.owns_weights else run.engine
+        result = evaluate_items(engine, run.policy, run.task.eval, run.task.correctness,
+                                EvalSettings.from_config(run.cfg), generator=own_stream)
         result.metrics["time/eval"] = time.perf_counter() - t0
         return result.metrics
 
-    step_metrics: dict[str, float] = {}
-    progress = None
-    if cfg.progress and info.is_main:
-        from tqdm.auto import tqdm
 
-        progress = tqdm(total=cfg.max_steps, initial=start_step, desc="sapo train", dynamic_ncols=True)
-
-    with _StopFlag() as stop:
-        if start_step == 0 and cfg.eval_steps:
-            eval_metrics = run_eval(0)
-            logger.log(0, eval_metrics)
-            step_metrics = {"step": 0, **eval_metrics}
-            best_eval = eval_metrics.get("eval/pass@1")
-            _show(progress, step_metrics)
-        step = start_step
-        while step < cfg.max_steps:
-            step += 1
-            t_step = time.perf_counter()
-            model.train()
-            # 1. sample prompts, roll out G completions each from the current policy
-            # (several processes: every rank draws the step's prompts and keeps its own slice of whole groups)
-            idx = distributed.rank_slice(sampler.next(cfg.prompts_per_step), info)
-            examples = [task.train[i] for i in idx]
-            prompt_ids = [e.prompt_ids for e in examples for _ in range(cfg.num_generations)]
-            # per-row visual inputs (VL); text-only rows of a mixed batch have {}
-            row_extra = [e.extra or {} for e in examples for _ in range(cfg.num_generations)]
-            row_extra = row_extra if any(row_extra) else []
-            t0 = time.perf_counter()
-            if info.enabled:  # each rank samples its own completions; a resume draws the same ones
-                rollout_gen.manual_seed(distributed.rollout_seed(cfg.seed, step, info))
-            with distributed.gathered(model):  # FSDP: full layers, so ranks decode different lengths freely
-                batch = rollout_engine.generate(
-                    prompt_ids, max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
-                    top_p=cfg.top_p, top_k=cfg.top_k, eos_token_ids=policy.eos_token_ids,
-                    pad_token_id=policy.pad_token_id, generator=rollout_gen,
-                    extra_inputs=row_extra or None,
-                )
-            t_rollout = time.perf_counter() - t0
-            # 2. rewards (the same code as evaluation), 3. group-normalised advantages
-            texts = [policy.decode(c) for c in batch.completion_ids]
-            prompts_text = [e.prompt_text for e in examples for _ in range(cfg.num_generations)]
-            answers = [e.answer for e in examples for _ in range(cfg.num_generations)]
-            t0 = time.perf_counter()
-            reward_out = task.rewards(prompts_text, texts, answers)
-            t_reward = time.perf_counter() - t0
-            rewards = torch.tensor(reward_out.total, dtype=torch.float32).view(len(examples), cfg.num_generations)
-            advantages = group_advantages(rewards, cfg.scale_rewards)  # [P, G]
-            equal = (rewards.max(dim=1).values == rewards.min(dim=1).values)  # [P]
-            keep_rows = torch.arange(rewards.numel())
-            if cfg.drop_equal_groups:
-                keep_rows = (~equal).repeat_interleave(cfg.num_generations).nonzero().flatten()
-            tensors = pack_rollout(batch, advantages.flatten(), policy.pad_token_id, cfg.mask_truncated)
-            tensors.extra = row_extra
-            metrics: dict[str, float] = {
-                "reward/mean": rewards.mean().item(),
-                "reward/std": rewards.std().item() if rewards.numel() > 1 else 0.0,
-                "groups/equal_reward_frac": equal.float().mean().item(),
-                "completion/length_mean": float(np.mean([len(c) for c in batch.completion_ids])),
-                "completion/length_max": float(max(len(c) for c in batch.completion_ids)),
-                "completion/truncated_frac": float(np.mean(batch.truncated)),
-                "advantage/abs_mean": advantages.abs().mean().item(),
-                **reward_out.metrics,
-            }
-            metrics.update(_run_counters(reward_out.metrics, counter_base, counter_offset))
-            metrics.update({f"data/skipped/{k}": float(v) for k, v in task.skipped.items()})  # e.g. too long
-            updates_metrics: list[dict[str, float]] = []
-            if len(keep_rows) > 0:
-                tensors = select_rows(tensors, keep_rows)
-                # 4. old (behaviour) log-probs, once, before any update; the routing they used (MoE)
-                t0 = time.perf_counter()
-                old = policy.behaviour_pass(tensors, cfg, need_old=cfg.num_minibatches > 1 or cfg.tis_cap > 0)
-                ref_logprobs = policy.reference_logprobs(reference, tensors, cfg) if reference is not None else None
-                t_old = time.perf_counter() - t0
-                if cfg.routing_replay == "R3":
-                    old.replay = _generation_routing(rollout_engine, tensors)[:, keep_rows]
-                    if old.routing is not None:  # the sampler's experts against pi_old's, before any update
-                        fed = (old.replay >= 0).all(dim=3).all(dim=0)  # [N, P + C]: the sampler never fed an EOS
-                        metrics["moe/r3_mismatch"], _ = moe_routing.routing_changed_fraction(
-                            old.replay, old.routing, completion_positions(tensors) & fed)
-                metrics.update(old.metrics)
-                # 5. num_minibatches sequential updates over the rollout batch
-                t0 = time.perf_counter()
-                for mb_rows in _minibatches(cfg, step, info, keep_rows, rewards.numel()):
-                    if len(mb_rows) == 0:
-                        continue
-                    m = policy.update(
-                        optimizer, tensors, mb_rows, old, ref_logprobs, loss_options, cfg,
-                    )
-                    ckpt.kill_point_for_tests("step", step)  # crash-safety tests only
-                    if m.pop("nonfinite", 0.0):
-                        nonfinite_run += 1
-                        nonfinite_total += 1
-                        if nonfinite_run >= cfg.max_consecutive_nonfinite:
-                            raise NonFiniteError(
-                                f"{nonfinite_run} consecutive updates had non-finite loss or gradients (step {step}); "
-                                "the weights were left untouched and the last checkpoint is clean. Lower lr, "
-                                "check rewards for NaN, or raise max_consecutive_nonfinite."
-                            )
-                    else:
-                        nonfinite_run = 0
-                        scheduler.step()
-                    updates_metrics.append(m)
-                t_update = time.perf_counter() - t0
-            else:
-                t_old = t_update = 0.0
-            metrics.update(merge_metrics(updates_metrics))
-            metrics.update({
-                "nonfinite/skipped_total": float(nonfinite_total),
-                "lr": scheduler.get_last_lr()[0],
-                "time/rollout": t_rollout, "time/reward": t_reward, "time/old_logprobs": t_old,
-                "time/update": t_update, "time/step": time.perf_counter() - t_step,
-                "tokens/completion_per_s": sum(len(c) for c in batch.completion_ids) / max(t_rollout, 1e-9),
-            })
-            metrics = distributed.reduce_metrics(metrics)  # one row for all ranks
-            # 6. evaluation, logging, checkpoints
-            last = step == cfg.max_steps
-            if cfg.eval_steps and (step % cfg.eval_steps == 0 or last):
-                metrics.update(run_eval(step))
-                if "eval/pass@1" in metrics:
-                    best_eval = max(best_eval or 0.0, metrics["eval/pass@1"])
-            logger.log(step, metrics)
-            if cfg.log_samples:
-                logger.log_samples(step, [
-                    {"prompt": prompts_text[i], "completion": texts[i], "answer": answers[i],
-                     "reward": float(reward_out.total[i]), "advantage": float(advantages.flatten()[i])}
-                    for i in range(0, len(texts), max(1, len(texts) // cfg.log_samples))
-                ][: cfg.log_samples])
-            step_metrics = {"step": step, **metrics}
-            _show(progress, step_metrics)
-            stopping = distributed.any_true(stop.requested)  # every rank stops at the same step
-            if last or stopping or (cfg.save_steps and step % cfg.save_steps == 0):
-                # several processes: gather the full (unsharded) state, rank 0 writes it
-                full_state = distributed.full_state(model, optimizer) if info.enabled else None
-                counters = distributed.reduce_metrics(
-                    _run_counters(task.rewards.metrics(), counter_base, counter_offset))  # counters now: after eval too
-                if info.is_main:
-                    ckpt.save_checkpoint(
-                        out_dir, step, model=model, optimizer=optimizer, scheduler=scheduler,
-                        trainer_state={"data": sampler.state(), "nonfinite_total": nonfinite_total,
-                                       "nonfinite_run": nonfinite_run, "reward_counters": counters,
-                                       "best_eval": best_eval, "max_steps": cfg.max_steps,
-                                       "world_size": info.world_size},
-                        generators={"rollout": rollout_gen}, keep=cfg.keep_checkpoints, full_state=full_state,
-                    )
-                logger.flush()
-            if stopping:
-                print(f"[sapo] stopped at step {step}; resume with: sapo train resume={out_dir}", flush=True)
-                break
-    if progress is not None:
-        progress.close()
-    logger.close()
-    if step >= cfg.max_steps:
-        distributed.save_final_model(policy, out_dir / "final_model", info)
-        if cfg.report and info.is_main:
-            from sapo.report import write_report
-
-            write_report(out_dir)
-    return step_metrics
+def save(run: Run) -> None:
+    """Checkpoint the run (several processes: gather the full, unsharded state; rank 0 writes it)."""
+    state, info = run.state, run.info
+    model = run.policy.model
+    full_state = distributed.full_state(model, run.optimizer) if info.enabled else None
+    state.data_epoch, state.data_index = run.sampler.epoch, run.sampler.index
+    # counters now: after evaluation too
+    counters = distributed.reduce_metrics(
+        _run_counters(run.task.rewards.metrics(), run.counter_base, state.reward_counters))
+    if info.is_main:
+        saved = TrainerState(**{**state.to_dict(), "reward_counters": counters})
+        ckpt.save_checkpoint(
+            run.out_dir, state.step, model=model, optimizer=run.optimizer, scheduler=run.scheduler,
+            trainer_state=saved.to_dict(), generators={"rollout": run.rollout_gen},
+            keep=run.cfg.keep_checkpoints, full_state=full_state,
+        )
 
 
 COUNTER_PREFIXES = ("reward/errors/", "reward/timeouts/", "math/")  # cumulative counts since process start
@@ -475,4 +432,22 @@ def _show(progress, metrics: dict) -> None:
     progress.refresh()
 
 
-__all__ = ["train", "PromptSampler", "NonFiniteError", "resolve_resume"]
+def _sample_rows(scored: phases.Scored, adv: phases.Advantaged, count: int) -> list[dict]:
+    """A few of the step's completions, spread over the batch, for samples.jsonl."""
+    n, advantages = len(scored.completions), adv.advantages.flatten()
+    return [
+        {"prompt": scored.prompts[i], "completion": scored.completions[i], "answer": scored.answers[i],
+         "reward": float(scored.total[i]), "advantage": float(advantages[i])}
+        for i in range(0, n, max(1, n // count))
+    ][:count]
+
+
+def _progress_bar(cfg: TrainConfig, start: int):
+    if not cfg.progress:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=cfg.max_steps, initial=start, desc="sapo train", dynamic_ncols=True)
+
+
+__all__ = ["train", "PromptSampler", "NonFiniteError", "resolve_resume", "rl_step", "setup"]

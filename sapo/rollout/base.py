@@ -1,8 +1,26 @@
-"""The rollout interface: what every generation engine takes and returns.
+"""The rollout seam: what every generation engine takes, returns, and how its weights are kept current.
 
-An engine is built around the live policy model (``Engine(model)``) so that it always samples from the
-current weights; there is no copy to keep in sync. ``generate`` runs under ``torch.inference_mode`` with
-the model switched to eval mode, and puts the model back in train mode afterwards if it was training.
+    sampling = SamplingParams(max_new_tokens=48, eos_token_ids=(2,), pad_token_id=0, temperature=1.0,
+                              top_p=1.0, top_k=0, generator=torch.Generator().manual_seed(0))
+    batch = engine.generate(prompt_ids, sampling, extra_inputs=None)   # -> RolloutBatch
+    engine.load_weights(state_or_None, version=step)                    # after the step's updates
+
+``SamplingParams`` is the one description of a sampling distribution: training rollouts and evaluation
+build it the same way (``SamplingParams.greedy_variant`` for greedy decoding), so evaluation never samples
+from another distribution than training by accident.
+
+``RolloutBatch`` carries what the trainer may need from the sampler: the completions, the sampler's
+log-probs of the sampled tokens, the MoE experts chosen at every fed position (``routing``, only when
+``sampling.record_experts``), and ``policy_version``: the optimizer step of the weights that sampled it
+(0 = the initial weights). The trainer's ratio is taken against the policy that really sampled.
+
+Weights
+-------
+An engine either samples the trainer's live module (``owns_weights = False``: ``load_weights(None,
+version=v)`` only records the version) or keeps its own copy (``owns_weights = True``: another process,
+another device, vLLM; ``load_weights(named_tensors, version=v)`` copies the trainer's weights in). The
+loop calls ``load_weights`` after every step's updates, so the version stamped on a batch always says
+which weights produced it. Engines are registered by name (``sapo.rollout.registry``).
 
 Sampler log-probs
 -----------------
@@ -17,26 +35,64 @@ value is still ``log_softmax(logits / temperature)`` of the argmax token.
 A vLLM engine (not shipped)
 ---------------------------
 vLLM cannot be installed or tested on the machines this project runs on (a CUDA-only wheel that pins its
-own torch), so no vLLM code ships here. It would plug in as one more class with this ``generate`` and one
-more entry in ``make_engine``:
-(1) weights sync: vLLM holds its own copy of the weights, so after every optimizer step the engine must
-push the policy's state dict into the vLLM model (``load_weights`` on the worker's model when colocated,
-or an NCCL broadcast to a separate vLLM server), then reset vLLM's prefix cache, whose KV entries were
-computed with the old weights; without the sync it samples from a stale policy.
-(2) log-probs: ask for the sampled token's log-prob (``SamplingParams(logprobs=0)``) and configure which
-distribution vLLM reports so it matches the definition above (after temperature, before top-k/top-p);
-vLLM's kernels differ from the trainer's, so expect small train/inference mismatches and measure them
-against a teacher-forced forward, as the tests here do for our engines.
-(3) seeds: one ``SamplingParams(seed=...)`` per prompt, drawn from our ``torch.Generator``.
-(4) multimodal prompts go in as vLLM's ``multi_modal_data`` with the raw images.
+own torch), so no vLLM code ships here. It would be one more registered engine with ``owns_weights =
+True``: ``load_weights`` pushes the named tensors into the vLLM worker's model (``load_weights`` when
+colocated, an NCCL broadcast to a separate server) and resets vLLM's prefix cache, whose KV entries
+were computed with the old weights; ``generate`` asks for the sampled token's log-prob
+(``SamplingParams(logprobs=0)`` there, configured to report the tempered, unfiltered distribution
+above), one vLLM seed per prompt drawn from ``sampling.generator``, and multimodal prompts as
+``multi_modal_data``. Its kernels differ from the trainer's: measure the mismatch against a
+teacher-forced forward, as the tests here do for our engines.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass, field
 from typing import Protocol
 
 import torch
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to sample: the same object for training rollouts and evaluation.
+
+    ``generator`` is the random stream the engine draws from (None: torch's global RNG); it is state,
+    not a setting, so it takes no part in equality. ``record_experts`` asks an MoE-capable engine to
+    return the experts chosen at every fed position (routing replay R3).
+    """
+
+    max_new_tokens: int
+    eos_token_ids: tuple[int, ...]
+    pad_token_id: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    greedy: bool = False
+    record_experts: bool = False
+    generator: torch.Generator | None = field(default=None, compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "eos_token_ids", tuple(int(i) for i in self.eos_token_ids))
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 (use greedy=True for argmax decoding), got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+        if not self.eos_token_ids:
+            raise ValueError("eos_token_ids is empty: pass the tokenizer's end-of-sequence id(s)")
+
+    def replace(self, **changes) -> SamplingParams:
+        return dataclasses.replace(self, **changes)
+
+    def greedy_variant(self) -> SamplingParams:
+        """Argmax decoding with the same limits (log-probs reported at temperature 1, no stream)."""
+        return self.replace(greedy=True, temperature=1.0, generator=None)
 
 
 @dataclass
@@ -44,13 +100,18 @@ class RolloutBatch:
     """Completions for a batch of prompts, in prompt order.
 
     completion_ids include the EOS token when one was produced; ``truncated[i]`` is True when row i hit
-    ``max_new_tokens`` without producing an EOS token.
+    ``max_new_tokens`` without producing an EOS token. ``routing`` (with ``record_experts``):
+    [L_moe, B, P + max_new_tokens - 1, k] int8/int16, the columns of ``to_padded`` (P = longest prompt),
+    -1 where no token was fed (left padding, finished rows, the last sampled token).
+    ``policy_version``: the optimizer step of the weights that sampled the batch.
     """
 
     prompt_ids: list[list[int]]
     completion_ids: list[list[int]]
     sampler_logprobs: list[list[float]]
     truncated: list[bool]
+    routing: torch.Tensor | None = None
+    policy_version: int = 0
 
     def __post_init__(self) -> None:
         n = len(self.prompt_ids)
@@ -63,6 +124,8 @@ class RolloutBatch:
         for i, (ids, logps) in enumerate(zip(self.completion_ids, self.sampler_logprobs)):
             if len(ids) != len(logps):
                 raise ValueError(f"row {i}: {len(ids)} completion tokens but {len(logps)} sampler log-probs")
+        if self.routing is not None and (self.routing.dim() != 4 or self.routing.shape[1] != n):
+            raise ValueError(f"routing must be [L, B={n}, T, k], got {tuple(self.routing.shape)}")
 
     def __len__(self) -> int:
         return len(self.prompt_ids)
@@ -141,49 +204,64 @@ def collate_extra_inputs(extra_inputs: list[dict], prompt_lengths: list[int], de
 
 
 class RolloutEngine(Protocol):
-    """Anything that samples completions from the live model."""
+    """Anything that samples completions from a policy and can be told about new weights."""
 
-    def generate(
-        self,
-        prompt_ids: list[list[int]],
-        *,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        eos_token_ids: list[int],
-        pad_token_id: int,
-        greedy: bool = False,
-        generator: torch.Generator | None = None,
-        extra_inputs: list[dict] | None = None,
-    ) -> RolloutBatch: ...
+    owns_weights: bool  # True: it samples its own copy, which load_weights refreshes
+    policy_version: int  # the optimizer step of the weights it samples now
+
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams, *,
+                 extra_inputs: list[dict] | None = None) -> RolloutBatch: ...
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]] | None, *, version: int) -> None: ...
 
 
-def check_generate_args(
-    prompt_ids: list[list[int]],
-    max_new_tokens: int,
-    temperature: float,
-    top_p: float,
-    top_k: int,
-    eos_token_ids: list[int],
-    extra_inputs: list[dict] | None,
-) -> None:
-    """Validate the arguments shared by every engine; raise ValueError saying what is allowed."""
+class LiveWeights:
+    """Weight handling of an engine that samples the trainer's own module (nothing to copy)."""
+
+    owns_weights = False
+    policy_version = 0
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]] | None, *, version: int) -> None:
+        if weights is not None:
+            raise ValueError(f"{type(self).__name__} samples the live model: call load_weights(None, version=...) "
+                             "(there is no copy to refresh)")
+        self.policy_version = int(version)
+
+
+class CopiedWeights:
+    """Weight handling of an engine that samples its own copy of the policy (``self.model``).
+
+    ``load_weights(named_tensors, version=v)`` copies the given tensors in by name; a subset is fine
+    (LoRA: only the adapters change). Names are the trainer model's ``state_dict`` names."""
+
+    owns_weights = True
+    policy_version = 0
+    model: torch.nn.Module
+
+    @torch.no_grad()
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]] | None, *, version: int) -> None:
+        if weights is None:
+            raise ValueError(f"{type(self).__name__} samples its own copy of the weights: pass the trainer's "
+                             "(name, tensor) pairs to load_weights")
+        own = self.model.state_dict()
+        for name, tensor in weights:
+            if name not in own:
+                raise KeyError(f"load_weights: {name!r} is not a weight of the engine's model "
+                               f"({type(self.model).__name__}); pass the trainer model's state_dict names")
+            own[name].copy_(tensor.detach())
+        self.policy_version = int(version)
+
+
+def check_generate_args(prompt_ids: list[list[int]], sampling: SamplingParams, extra_inputs: list[dict] | None) -> None:
+    """Validate the per-call arguments shared by every engine; raise ValueError saying what is allowed
+    (SamplingParams validates itself when built)."""
+    if not isinstance(sampling, SamplingParams):
+        raise TypeError(f"sampling must be a sapo.rollout.SamplingParams, got {type(sampling).__name__}")
     if not prompt_ids:
         raise ValueError("prompt_ids is empty: pass at least one prompt")
     for i, prompt in enumerate(prompt_ids):
         if len(prompt) == 0:
             raise ValueError(f"prompt {i} is empty: every prompt needs at least one token")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0 (use greedy=True for argmax decoding), got {temperature}")
-    if not 0 < top_p <= 1:
-        raise ValueError(f"top_p must be in (0, 1], got {top_p}")
-    if top_k < 0:
-        raise ValueError(f"top_k must be >= 0 (0 disables it), got {top_k}")
-    if not eos_token_ids:
-        raise ValueError("eos_token_ids is empty: pass the tokenizer's end-of-sequence id(s)")
     if extra_inputs is not None and len(extra_inputs) != len(prompt_ids):
         raise ValueError(
             f"extra_inputs must have one dict per prompt ({len(prompt_ids)}), got {len(extra_inputs)}"

@@ -31,6 +31,7 @@ Models that take extra inputs but have no ``get_rope_index`` raise NotImplemente
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 
 import torch
@@ -39,7 +40,15 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from sapo.models.routing import moe_layers, pad_routing, record_routing
-from sapo.rollout.base import RolloutBatch, check_generate_args, collate_extra_inputs, left_pad
+from sapo.rollout.base import (
+    CopiedWeights,
+    LiveWeights,
+    RolloutBatch,
+    SamplingParams,
+    check_generate_args,
+    collate_extra_inputs,
+    left_pad,
+)
 from sapo.rollout.lean_qwen3 import LeanQwen3, lean_unsupported
 from sapo.rollout.sampling import sample_tokens
 
@@ -121,7 +130,7 @@ def _cache_kwarg(model: torch.nn.Module) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
-class TorchEngine:
+class TorchEngine(LiveWeights):
     """Batched sampling with a KV cache; finished rows leave the batch.
 
     ``lean=True`` (default) runs Qwen3 / Qwen3-MoE text models on ``LeanQwen3`` (plain tensor ops on the
@@ -131,44 +140,31 @@ class TorchEngine:
     ``compile=True`` wraps the HF decode forward in ``torch.compile`` (GPU; the first call is slow).
     ``last_path`` is "lean" or "hf": the path the latest ``generate`` call took.
 
-    ``record_experts=True`` (MoE models, R3 routing replay) keeps the experts every MoE layer chose during
-    the latest ``generate`` in ``last_routing``: [L_moe, B, P + max_new_tokens - 1, k] (int8 or int16), the
-    columns of ``RolloutBatch.to_padded`` (prompts left-padded to the longest, P), -1 where no token was
-    fed (left padding on the lean path, finished rows, the last sampled token): the layout of
-    ``sapo.models.routing.RoutingRecord.experts``, recorded by the lean forward itself, or by
-    ``record_routing`` hooks on the HF path.
+    ``sampling.record_experts`` (MoE models, R3 routing replay) returns the experts every MoE layer chose
+    in ``RolloutBatch.routing``: [L_moe, B, P + max_new_tokens - 1, k] (int8 or int16), the columns of
+    ``RolloutBatch.to_padded``, -1 where no token was fed (left padding on the lean path, finished rows,
+    the last sampled token): the layout of ``sapo.models.routing.RoutingRecord.experts``, recorded by the
+    lean forward itself, or by ``record_routing`` hooks on the HF path.
+
+    It samples the live module it was built around (``load_weights(None, version=v)`` records the
+    version); ``OwnCopyTorchEngine`` is the same engine on its own copy of the weights.
     """
 
-    def __init__(self, model: torch.nn.Module, *, cache: str = "static", compile: bool = False, lean: bool = True,
-                 record_experts: bool = False):
+    def __init__(self, model: torch.nn.Module, *, cache: str = "static", compile: bool = False, lean: bool = True):
         if cache not in ("static", "dynamic"):
             raise ValueError(f"cache must be 'static' or 'dynamic', got {cache!r}")
-        if record_experts and not moe_layers(model):
-            raise ValueError(f"record_experts=True needs an MoE model; {type(model).__name__} has no top-k router")
         self.model = model
-        self.record_experts = record_experts
-        self.last_routing: torch.Tensor | None = None
         self.cache_kind = cache
         self.lean = lean and not compile
         self.last_path: str | None = None
         self._forward = torch.compile(model, dynamic=True) if compile else model
         self._cache_kwarg = _cache_kwarg(model)
 
-    def generate(
-        self,
-        prompt_ids: list[list[int]],
-        *,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        eos_token_ids: list[int],
-        pad_token_id: int,
-        greedy: bool = False,
-        generator: torch.Generator | None = None,
-        extra_inputs: list[dict] | None = None,
-    ) -> RolloutBatch:
-        check_generate_args(prompt_ids, max_new_tokens, temperature, top_p, top_k, eos_token_ids, extra_inputs)
+    def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams, *,
+                 extra_inputs: list[dict] | None = None) -> RolloutBatch:
+        check_generate_args(prompt_ids, sampling, extra_inputs)
+        if sampling.record_experts and not moe_layers(self.model):
+            raise ValueError(f"record_experts=True needs an MoE model; {type(self.model).__name__} has no top-k router")
         mrope_model = _mrope_model(self.model)
         multimodal = extra_inputs is not None and any(extra_inputs)
         if multimodal and mrope_model is None:
@@ -180,10 +176,8 @@ class TorchEngine:
         self.model.eval()
         try:
             with torch.inference_mode():
-                tokens, logprobs, lengths, hit_eos = self._decode(
-                    prompt_ids, max_new_tokens, temperature, top_p, top_k, eos_token_ids, pad_token_id,
-                    greedy, generator, extra_inputs if multimodal else None, mrope_model,
-                )
+                (tokens, logprobs, lengths, hit_eos), routing = self._decode(
+                    prompt_ids, sampling, extra_inputs if multimodal else None, mrope_model)
         finally:
             self.model.train(was_training)
         tokens, logprobs = tokens.tolist(), logprobs.tolist()
@@ -193,34 +187,36 @@ class TorchEngine:
             completion_ids=[row[:n] for row, n in zip(tokens, lengths)],
             sampler_logprobs=[row[:n] for row, n in zip(logprobs, lengths)],
             truncated=[not eos for eos in hit_eos],
+            routing=routing,
+            policy_version=self.policy_version,
         )
 
-    def _decode(self, prompt_ids, max_new_tokens, temperature, top_p, top_k, eos_token_ids, pad_token_id,
-                greedy, generator, extra_inputs, mrope_model):
+    def _decode(self, prompt_ids, sampling: SamplingParams, extra_inputs, mrope_model):
         device = next(self.model.parameters()).device
-        input_ids, prompt_mask = left_pad(prompt_ids, pad_token_id)  # [B, P], [B, P]
+        input_ids, prompt_mask = left_pad(prompt_ids, sampling.pad_token_id)  # [B, P], [B, P]
         batch, prompt_len = input_ids.shape
         input_ids, prompt_mask = input_ids.to(device), prompt_mask.to(device)
+        max_new_tokens, record_experts = sampling.max_new_tokens, sampling.record_experts
         use_lean = self.lean and extra_inputs is None and lean_unsupported(self.model, prompt_len + max_new_tokens) is None
         self.last_path = "lean" if use_lean else "hf"
         if use_lean:
-            forward = _LeanForward(self.model, input_ids, prompt_mask, max_new_tokens, self.record_experts)
+            forward = _LeanForward(self.model, input_ids, prompt_mask, max_new_tokens, record_experts)
         else:
             forward = _HFForward(self, input_ids, prompt_mask, max_new_tokens, extra_inputs, prompt_ids, mrope_model)
-        with record_routing(self.model) if self.record_experts and not use_lean else contextlib.nullcontext() as record:
-            outputs = self._loop(forward, batch, max_new_tokens, temperature, top_p, top_k, eos_token_ids,
-                                 pad_token_id, greedy, generator, record)
-        if self.record_experts:
+        with record_routing(self.model) if record_experts and not use_lean else contextlib.nullcontext() as record:
+            outputs = self._loop(forward, batch, sampling, record)
+        routing = None
+        if record_experts:
             routing = forward.net.routing if use_lean else pad_routing(record.experts, prompt_len + max_new_tokens - 1)
-            self.last_routing = routing.cpu()
-        return outputs
+            routing = routing.cpu()
+        return outputs, routing
 
-    def _loop(self, forward, batch, max_new_tokens, temperature, top_p, top_k, eos_token_ids, pad_token_id, greedy,
-              generator, record):
+    def _loop(self, forward, batch, sampling: SamplingParams, record):
         device = forward.input_ids.device
-        eos = torch.tensor(eos_token_ids, dtype=torch.long, device=device)
+        max_new_tokens = sampling.max_new_tokens
+        eos = torch.tensor(sampling.eos_token_ids, dtype=torch.long, device=device)
 
-        out_tokens = torch.full((batch, max_new_tokens), pad_token_id, dtype=torch.long, device=device)
+        out_tokens = torch.full((batch, max_new_tokens), sampling.pad_token_id, dtype=torch.long, device=device)
         out_logprobs = torch.zeros((batch, max_new_tokens), dtype=torch.float32, device=device)
         lengths = torch.full((batch,), max_new_tokens, dtype=torch.long, device=device)
         hit_eos = torch.zeros(batch, dtype=torch.bool, device=device)
@@ -229,7 +225,8 @@ class TorchEngine:
         logits = forward.prefill()  # [B, V]
         for step in range(max_new_tokens):
             token, logprob = sample_tokens(
-                logits, temperature=temperature, top_k=top_k, top_p=top_p, greedy=greedy, generator=generator
+                logits, temperature=sampling.temperature, top_k=sampling.top_k, top_p=sampling.top_p,
+                greedy=sampling.greedy, generator=sampling.generator,
             )  # [b], [b]
             out_tokens[rows, step] = token
             out_logprobs[rows, step] = logprob
@@ -249,6 +246,18 @@ class TorchEngine:
                 break
             logits = forward.decode(token, step, rows)  # [b, V]
         return out_tokens.cpu(), out_logprobs.cpu(), lengths.cpu(), hit_eos.cpu()
+
+
+class OwnCopyTorchEngine(CopiedWeights, TorchEngine):
+    """``TorchEngine`` on its own frozen copy of the policy: it samples the weights last given to
+    ``load_weights`` (a stale policy on purpose, or a copy on another device), never the trainer's
+    module mid-update."""
+
+    def __init__(self, model: torch.nn.Module, **options):
+        own = copy.deepcopy(model).eval()
+        for p in own.parameters():
+            p.requires_grad_(False)
+        super().__init__(own, **options)
 
 
 class _LeanForward:

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 
 from sapo.rollout import RolloutBatch
+from sapo.tracking import merge_metrics  # noqa: F401  (re-exported: the loop's pieces merge metric rows)
 
 
 def group_advantages(rewards: torch.Tensor, scale: str, eps: float = 1e-4) -> torch.Tensor:
@@ -139,23 +139,3 @@ def split_plan(plan: list[torch.Tensor], count: int) -> list[torch.Tensor]:
         half = len(plan[largest]) // 2
         plan[largest : largest + 1] = [plan[largest][:half], plan[largest][half:]]
     return plan
-
-
-def merge_metrics(rows: list[dict[str, float]], *, sum_prefixes: tuple[str, ...] = ()) -> dict[str, float]:
-    """One row from several (micro-batches, updates or ranks): */min and */max exactly, keys under
-    sum_prefixes summed, everything else averaged; non-finite and non-numeric values are left out."""
-    out: dict[str, float] = {}
-    for key in sorted({k for r in rows for k in r}):
-        vals = [r[key] for r in rows
-                if isinstance(r.get(key), int | float) and not isinstance(r[key], bool) and math.isfinite(r[key])]
-        if not vals:
-            continue
-        if key.endswith("/min"):
-            out[key] = min(vals)
-        elif key.endswith("/max"):
-            out[key] = max(vals)
-        elif sum_prefixes and key.startswith(sum_prefixes):
-            out[key] = sum(vals)
-        else:
-            out[key] = sum(vals) / len(vals)
-    return out

@@ -10,18 +10,18 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sapo.rollout import RolloutBatch, make_engine
+from sapo.rollout import LiveWeights, RolloutBatch, make_engine
 
 
-class RecordingEngine:
+class RecordingEngine(LiveWeights):
     """The real engine; every completion it returns is kept under its prompt."""
 
     def __init__(self, model, kind: str = "torch"):
         self.engine = make_engine(kind, model)
         self.records: dict[str, list] = {}
 
-    def generate(self, prompt_ids, **kwargs) -> RolloutBatch:
-        batch = self.engine.generate(prompt_ids, **kwargs)
+    def generate(self, prompt_ids, sampling, *, extra_inputs=None) -> RolloutBatch:
+        batch = self.engine.generate(prompt_ids, sampling, extra_inputs=extra_inputs)
         for prompt, ids, logps, cut in zip(batch.prompt_ids, batch.completion_ids, batch.sampler_logprobs,
                                            batch.truncated):
             self.records.setdefault(json.dumps(prompt), []).append([ids, logps, cut])
@@ -31,13 +31,13 @@ class RecordingEngine:
         Path(path).write_text(json.dumps(self.records))
 
 
-class ReplayEngine:
+class ReplayEngine(LiveWeights):
     """Returns the recorded completions of each prompt, in the order they were drawn."""
 
     def __init__(self, path: Path):
         self.records = json.loads(Path(path).read_text())
 
-    def generate(self, prompt_ids, **kwargs) -> RolloutBatch:
+    def generate(self, prompt_ids, sampling, *, extra_inputs=None) -> RolloutBatch:
         taken: dict[str, int] = {}
         rows = []
         for prompt in prompt_ids:

@@ -11,7 +11,11 @@ from sapo.config import build_config
 from sapo.rewards.math_reward import MathReward
 from sapo.rollout import RolloutBatch
 from sapo.training.batch import pack_rollout
+from sapo.training.behaviour import behaviour_pass
 from sapo.training.policy import load_policy
+from sapo.training.reference import make_reference
+from sapo.training.teacher_forcing import ForwardSettings, TeacherForcing
+from sapo.training.update import UpdateSettings, policy_update
 
 
 @pytest.fixture(scope="module")
@@ -33,11 +37,13 @@ def test_update_on_empty_completions_is_finite(policy, loss_type, shape):
     prompt = policy.tokenizer.encode("1+2=\n", add_special_tokens=False)
     batch = RolloutBatch([prompt] * 4, completions, [[-1.0] * len(c) for c in completions], [False] * 4)
     tensors = pack_rollout(batch, torch.tensor([1.0, -1.0, 0.5, -0.5]), policy.pad_token_id, False)
-    old = policy.behaviour_pass(tensors, cfg, need_old=True)
-    ref = policy.reference_logprobs(policy.reference(), tensors, cfg)
+    forward = TeacherForcing(ForwardSettings.from_config(cfg), pad_token_id=policy.pad_token_id, device=policy.device)
+    old = behaviour_pass(policy.model, forward, tensors, need_old=True, record=policy.is_moe)
+    ref = make_reference(policy.model, lora=False).logprobs(forward, tensors)
     before = {n: p.detach().clone() for n, p in policy.model.named_parameters()}
     optimizer = torch.optim.AdamW(policy.model.parameters(), lr=1e-3)
-    metrics = policy.update(optimizer, tensors, torch.arange(4), old, ref, policy.loss_options(cfg), cfg)
+    metrics = policy_update(policy.model, optimizer, forward, tensors, torch.arange(4), old, ref,
+                            UpdateSettings.from_config(cfg), is_moe=policy.is_moe)
     assert "nonfinite" not in metrics
     assert torch.isfinite(torch.tensor([metrics["loss/total"], metrics["grad_norm"]])).all()
     if shape == "all_empty":  # nothing in the loss: no gradient at all

@@ -1,4 +1,4 @@
-"""Non-finite updates are skipped and counted, too many in a row stop the run (exit 1), and no
+"""Non-finite updates are skipped and counted, too many in a row stop the run (exit 3), and no
 checkpoint ever holds a NaN/inf weight.
 
 The non-finite values are real: a reward of +-3e38 with scale_rewards=none makes the policy loss
@@ -47,7 +47,7 @@ def test_a_nonfinite_step_is_skipped_and_counted(sapo_cache, tmp_path, monkeypat
 def test_too_many_consecutive_nonfinite_updates_stop_the_run(sapo_cache, tmp_path, monkeypatch, capsys):
     code, rows, ckpts = _run(tmp_path, monkeypatch, "2,3,4,5", "max_steps=6", "max_consecutive_nonfinite=3")
     err = capsys.readouterr().err
-    assert code == 1
+    assert code == 3  # EXIT_NONFINITE: its own code, not a crash
     assert "stopped: 3 consecutive updates had non-finite loss or gradients (step 3)" in err
     assert "max_consecutive_nonfinite" in err
     assert [r["step"] for r in rows] == [1, 2] and sorted(ckpts) == [1, 2]

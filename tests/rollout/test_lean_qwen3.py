@@ -8,7 +8,7 @@ from conftest import VOCAB, teacher_forced_logprobs, tiny_qwen3, tiny_qwen3_moe,
 from transformers import Qwen3ForCausalLM, Qwen3MoeForCausalLM
 
 from sapo.models.routing import record_routing
-from sapo.rollout import HFEngine, TorchEngine
+from sapo.rollout import HFEngine, SamplingParams, TorchEngine
 from sapo.rollout.lean_qwen3 import lean_unsupported
 
 UNUSED_EOS = [VOCAB + 7]  # outside the vocabulary: never produced
@@ -16,8 +16,7 @@ UNUSED_EOS = [VOCAB + 7]  # outside the vocabulary: never produced
 
 def run(engine, prompts, eos, greedy=True, seed=None, max_new_tokens=12, **options):
     generator = None if seed is None else torch.Generator().manual_seed(seed)
-    return engine.generate(prompts, max_new_tokens=max_new_tokens, eos_token_ids=eos, pad_token_id=0,
-                           greedy=greedy, generator=generator, **options)
+    return engine.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens, eos_token_ids=eos, pad_token_id=0, greedy=greedy, generator=generator, **options))
 
 
 def stopping_eos(model, prompts):
@@ -149,28 +148,29 @@ def _fed_positions(batch, width):
 def test_recorded_experts_match_the_hf_path_and_a_teacher_forced_forward(prompts):
     model = tiny_qwen3_moe()
     eos = stopping_eos(model, prompts)
-    lean_engine = TorchEngine(model, record_experts=True)
-    hf_engine = TorchEngine(model, lean=False, record_experts=True)
-    lean, old = run(lean_engine, prompts, eos), run(hf_engine, prompts, eos)
+    lean_engine = TorchEngine(model)
+    hf_engine = TorchEngine(model, lean=False)
+    lean, old = run(lean_engine, prompts, eos, record_experts=True), run(hf_engine, prompts, eos, record_experts=True)
     assert lean_engine.last_path == "lean" and hf_engine.last_path == "hf"
     assert lean.completion_ids == old.completion_ids and not all(lean.truncated)
     width = max(map(len, prompts)) + 12 - 1
-    assert lean_engine.last_routing.shape == hf_engine.last_routing.shape == (2, len(prompts), width, 2)
-    assert lean_engine.last_routing.dtype == torch.int8
+    assert lean.routing.shape == old.routing.shape == (2, len(prompts), width, 2)
+    assert lean.routing.dtype == torch.int8
+    assert run(lean_engine, prompts, eos).routing is None  # recorded only when asked for
     fed = _fed_positions(lean, width)
-    assert torch.equal(lean_engine.last_routing[:, fed], hf_engine.last_routing[:, fed])
-    assert (lean_engine.last_routing[:, ~fed] == -1).all()  # padding, finished rows, the last token
+    assert torch.equal(lean.routing[:, fed], old.routing[:, fed])
+    assert (lean.routing[:, ~fed] == -1).all()  # padding, finished rows, the last token
     packed = lean.to_padded(pad_id=0)
     with torch.no_grad(), record_routing(model) as full:
         model(input_ids=packed["input_ids"], attention_mask=packed["attention_mask"],
               position_ids=packed["position_ids"])
     assert full.experts.shape[2] == width + 1  # P + 12 columns; the last token is never fed to the sampler
-    assert torch.equal(full.experts[:, :, :width][:, fed], lean_engine.last_routing[:, fed])
+    assert torch.equal(full.experts[:, :, :width][:, fed], lean.routing[:, fed])
 
 
-def test_record_experts_needs_an_moe_model():
+def test_record_experts_needs_an_moe_model(prompts):
     with pytest.raises(ValueError, match="needs an MoE model"):
-        TorchEngine(tiny_qwen3(), record_experts=True)
+        run(TorchEngine(tiny_qwen3()), prompts, UNUSED_EOS, record_experts=True)
 
 
 def test_lora_wrapped_models_fall_back(prompts):

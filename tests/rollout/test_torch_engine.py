@@ -3,14 +3,14 @@ import torch
 from conftest import VOCAB, image_prompt_rows, teacher_forced_logprobs, tiny_qwen3, tiny_qwen3_vl
 from transformers import Qwen3ForCausalLM
 
-from sapo.rollout import HFEngine, TorchEngine, make_engine
+from sapo.rollout import HFEngine, SamplingParams, TorchEngine, make_engine
 from sapo.rollout.torch_engine import PreallocatedLayer, make_kv_cache
 
 UNUSED_EOS = [VOCAB + 7]  # outside the vocabulary: never produced
 
 
 def greedy(engine, prompts, eos, max_new_tokens=12):
-    return engine.generate(prompts, max_new_tokens=max_new_tokens, eos_token_ids=eos, pad_token_id=0, greedy=True)
+    return engine.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens, eos_token_ids=eos, pad_token_id=0, greedy=True))
 
 
 def test_greedy_matches_hf_generate_with_eos_stopping(model, prompts):
@@ -32,8 +32,7 @@ def test_greedy_matches_hf_generate_with_eos_stopping(model, prompts):
 @pytest.mark.parametrize("cache", ["static", "dynamic"])
 def test_sampler_logprobs_equal_teacher_forced(model, prompts, cache):
     engine = TorchEngine(model, cache=cache, lean=False)  # the cache kinds are options of the HF-forward path
-    batch = engine.generate(prompts, max_new_tokens=10, temperature=0.7, eos_token_ids=[5, 17, 33],
-                            pad_token_id=0, generator=torch.Generator().manual_seed(0))
+    batch = engine.generate(prompts, SamplingParams(max_new_tokens=10, temperature=0.7, eos_token_ids=[5, 17, 33], pad_token_id=0, generator=torch.Generator().manual_seed(0)))
     expected, got = teacher_forced_logprobs(model, batch, temperature=0.7)
     assert expected.numel() == batch.num_completion_tokens
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
@@ -41,25 +40,23 @@ def test_sampler_logprobs_equal_teacher_forced(model, prompts, cache):
 
 def test_static_and_dynamic_cache_agree(model, prompts):
     args = {"max_new_tokens": 10, "eos_token_ids": [5, 17, 33], "pad_token_id": 0, "top_k": 20}
-    a = TorchEngine(model, cache="static", lean=False).generate(prompts, generator=torch.Generator().manual_seed(1), **args)
-    b = TorchEngine(model, cache="dynamic", lean=False).generate(prompts, generator=torch.Generator().manual_seed(1), **args)
+    a = TorchEngine(model, cache="static", lean=False).generate(prompts, SamplingParams(generator=torch.Generator().manual_seed(1), **args))
+    b = TorchEngine(model, cache="dynamic", lean=False).generate(prompts, SamplingParams(generator=torch.Generator().manual_seed(1), **args))
     assert a.completion_ids == b.completion_ids
 
 
 def test_seeded_sampling_is_reproducible(model, prompts):
     engine = make_engine("torch", model)
     args = {"max_new_tokens": 10, "eos_token_ids": [5], "pad_token_id": 0, "top_p": 0.9}
-    a = engine.generate(prompts, generator=torch.Generator().manual_seed(3), **args)
-    b = engine.generate(prompts, generator=torch.Generator().manual_seed(3), **args)
-    c = engine.generate(prompts, generator=torch.Generator().manual_seed(4), **args)
+    a = engine.generate(prompts, SamplingParams(generator=torch.Generator().manual_seed(3), **args))
+    b = engine.generate(prompts, SamplingParams(generator=torch.Generator().manual_seed(3), **args))
+    c = engine.generate(prompts, SamplingParams(generator=torch.Generator().manual_seed(4), **args))
     assert a == b and a.completion_ids != c.completion_ids
 
 
 def test_first_token_frequencies_match_softmax(model):
     prompt, n, temperature = [3, 9, 27, 4], 3000, 1.5
-    batch = TorchEngine(model).generate([prompt] * n, max_new_tokens=1, temperature=temperature,
-                                        eos_token_ids=UNUSED_EOS, pad_token_id=0,
-                                        generator=torch.Generator().manual_seed(0))
+    batch = TorchEngine(model).generate([prompt] * n, SamplingParams(max_new_tokens=1, temperature=temperature, eos_token_ids=UNUSED_EOS, pad_token_id=0, generator=torch.Generator().manual_seed(0)))
     with torch.no_grad():
         probs = torch.softmax(model(torch.tensor([prompt])).logits[0, -1] / temperature, dim=-1).double()
     counts = torch.bincount(torch.tensor([c[0] for c in batch.completion_ids]), minlength=VOCAB).double()
@@ -68,8 +65,7 @@ def test_first_token_frequencies_match_softmax(model):
 
 
 def test_top_k_samples_stay_in_top_k(model, prompts):
-    batch = TorchEngine(model).generate(prompts, max_new_tokens=6, top_k=3, eos_token_ids=UNUSED_EOS,
-                                        pad_token_id=0, generator=torch.Generator().manual_seed(0))
+    batch = TorchEngine(model).generate(prompts, SamplingParams(max_new_tokens=6, top_k=3, eos_token_ids=UNUSED_EOS, pad_token_id=0, generator=torch.Generator().manual_seed(0)))
     packed = batch.to_padded(pad_id=0)
     with torch.no_grad():
         logits = model(input_ids=packed["input_ids"], attention_mask=packed["attention_mask"],
@@ -80,8 +76,7 @@ def test_top_k_samples_stay_in_top_k(model, prompts):
 
 
 def test_truncated_flags_and_lengths(model, prompts):
-    batch = TorchEngine(model).generate(prompts, max_new_tokens=3, eos_token_ids=UNUSED_EOS, pad_token_id=0,
-                                        generator=torch.Generator().manual_seed(0))
+    batch = TorchEngine(model).generate(prompts, SamplingParams(max_new_tokens=3, eos_token_ids=UNUSED_EOS, pad_token_id=0, generator=torch.Generator().manual_seed(0)))
     assert batch.truncated == [True] * len(prompts)
     assert [len(c) for c in batch.completion_ids] == [3] * len(prompts)
     assert batch.prompt_ids == prompts
@@ -89,7 +84,7 @@ def test_truncated_flags_and_lengths(model, prompts):
 
 def test_restores_train_mode_and_builds_no_graph(model, prompts):
     model.train()
-    batch = TorchEngine(model).generate(prompts, max_new_tokens=2, eos_token_ids=[1], pad_token_id=0)
+    batch = TorchEngine(model).generate(prompts, SamplingParams(max_new_tokens=2, eos_token_ids=[1], pad_token_id=0))
     assert model.training
     model.eval()
     assert isinstance(batch.sampler_logprobs[0][0], float)
@@ -97,24 +92,21 @@ def test_restores_train_mode_and_builds_no_graph(model, prompts):
 
 def test_extra_inputs_on_text_model_point_to_hf_engine(model, prompts):
     with pytest.raises(NotImplementedError, match="make_engine\\('hf', model\\)"):
-        TorchEngine(model).generate(prompts, max_new_tokens=2, eos_token_ids=[1], pad_token_id=0,
-                                    extra_inputs=[{"pixel_values": torch.zeros(1)}] * len(prompts))
+        TorchEngine(model).generate(prompts, SamplingParams(max_new_tokens=2, eos_token_ids=[1], pad_token_id=0), extra_inputs=[{'pixel_values': torch.zeros(1)}] * len(prompts))
 
 
 def test_qwen3_vl_image_prompts_match_hf_and_teacher_forcing():
     model = tiny_qwen3_vl()
     prompts, extra_inputs, _ = image_prompt_rows()
     prompts, extra_inputs = prompts + [[12, 13, 14, 15, 16]], extra_inputs + [{}]
-    args = {"max_new_tokens": 8, "eos_token_ids": UNUSED_EOS, "pad_token_id": 0, "greedy": True,
-            "extra_inputs": extra_inputs}
-    eos = TorchEngine(model).generate(prompts, **args).completion_ids[0][2]
+    args = {"max_new_tokens": 8, "eos_token_ids": UNUSED_EOS, "pad_token_id": 0, "greedy": True}
+    eos = TorchEngine(model).generate(prompts, SamplingParams(**args), extra_inputs=extra_inputs).completion_ids[0][2]
     args["eos_token_ids"] = [eos]  # the image row stops by step 3: the batch shrinks mid-decode
-    ours, ref = TorchEngine(model).generate(prompts, **args), HFEngine(model).generate(prompts, **args)
+    ours = TorchEngine(model).generate(prompts, SamplingParams(**args), extra_inputs=extra_inputs)
+    ref = HFEngine(model).generate(prompts, SamplingParams(**args), extra_inputs=extra_inputs)
     assert ours.completion_ids == ref.completion_ids
     assert len(ours.completion_ids[0]) <= 3 and any(ours.truncated)
-    sampled = TorchEngine(model).generate(prompts, max_new_tokens=8, temperature=0.8, eos_token_ids=[eos],
-                                          pad_token_id=0, extra_inputs=extra_inputs,
-                                          generator=torch.Generator().manual_seed(0))
+    sampled = TorchEngine(model).generate(prompts, SamplingParams(max_new_tokens=8, temperature=0.8, eos_token_ids=[eos], pad_token_id=0, generator=torch.Generator().manual_seed(0)), extra_inputs=extra_inputs)
     expected, got = teacher_forced_logprobs(model, sampled, 0.8, extra_inputs)
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 

@@ -6,13 +6,13 @@ import pytest
 import torch
 from PIL import Image
 
-from sapo.config import TrainConfig
 from sapo.data import Example
 from sapo.data.multimodal import encode_multimodal
 from sapo.models import routing as moe
 from sapo.rollout import RolloutBatch
 from sapo.training.batch import pack_rollout
-from sapo.training.policy import PolicyHandle
+from sapo.training.behaviour import behaviour_pass
+from sapo.training.teacher_forcing import ForwardSettings, TeacherForcing
 from tests.vl.conftest import tiny_vl
 
 
@@ -64,15 +64,14 @@ def test_logprobs_equal_plain_forward_per_row(arch, micro_batch_size, micro_batc
     log-probs equal a plain forward of each row alone: no image token is misaligned."""
     model, processor = tiny_vl(arch)
     rows, tensors = _rollout(processor)
-    cfg = TrainConfig(temperature=0.7, micro_batch_size=micro_batch_size, micro_batch_tokens=micro_batch_tokens,
-                      autocast_bf16="off")
-    policy = PolicyHandle(model, processor.tokenizer, eos_token_ids=[2], pad_token_id=0, processor=processor)
+    forward = TeacherForcing(ForwardSettings(temperature=0.7, autocast_bf16="off", micro_batch_size=micro_batch_size,
+                                             micro_batch_tokens=micro_batch_tokens), pad_token_id=0, device="cpu")
     got = torch.zeros(tensors.completion_mask.shape)
-    parts = policy._micro_batches(tensors, torch.arange(tensors.num_rows), cfg)
+    parts = forward.micro_batches(tensors, torch.arange(tensors.num_rows))
     if micro_batch_size or micro_batch_tokens:
         assert len(parts) > 1
     for micro, part, _ in parts:
-        logp, _ = policy.completion_logprobs(model, part, cfg)
+        logp, _ = forward.logprobs(model, part)
         got[micro, : logp.shape[1]] = logp
     for i, (prompt, completion, extra) in enumerate(rows):
         expected = _plain_logprobs(model, prompt, completion, extra, 0.7)
@@ -83,13 +82,12 @@ def test_logprobs_equal_plain_forward_per_row(arch, micro_batch_size, micro_batc
 def test_images_are_seen_and_rows_do_not_leak():
     model, processor = tiny_vl()
     _, tensors = _rollout(processor)
-    cfg = TrainConfig(autocast_bf16="off")
-    policy = PolicyHandle(model, processor.tokenizer, eos_token_ids=[2], pad_token_id=0, processor=processor)
+    forward = TeacherForcing(ForwardSettings(autocast_bf16="off"), pad_token_id=0, device="cpu")
     with torch.no_grad():
-        base, _ = policy.completion_logprobs(model, tensors, cfg)
+        base, _ = forward.logprobs(model, tensors)
         first = tensors.extra[0]
         tensors.extra[0] = dict(first, pixel_values=first["pixel_values"].flip(0))
-        changed, _ = policy.completion_logprobs(model, tensors, cfg)
+        changed, _ = forward.logprobs(model, tensors)
     assert not torch.allclose(changed[0], base[0])  # row 0 looks at its image
     torch.testing.assert_close(changed[1:], base[1:], atol=1e-6, rtol=0)  # the others do not see it
 
@@ -97,10 +95,9 @@ def test_images_are_seen_and_rows_do_not_leak():
 def test_vl_moe_routing_replay_reproduces_old_logprobs():
     model, processor = tiny_vl("qwen3_vl_moe")
     _, tensors = _rollout(processor)
-    cfg = TrainConfig(autocast_bf16="off", routing_replay="R2")
-    policy = PolicyHandle(model, processor.tokenizer, eos_token_ids=[2], pad_token_id=0, processor=processor)
-    old = policy.behaviour_pass(tensors, cfg, need_old=True)
+    forward = TeacherForcing(ForwardSettings(autocast_bf16="off"), pad_token_id=0, device="cpu")
+    old = behaviour_pass(model, forward, tensors, need_old=True, record=True, replay="R2")
     assert old.routing.shape[:3] == (2, tensors.num_rows, tensors.input_ids.shape[1])  # text layers only
     with torch.no_grad(), moe.replay_routing(model, old.routing):
-        replayed, _ = policy.completion_logprobs(model, tensors, cfg)
+        replayed, _ = forward.logprobs(model, tensors)
     torch.testing.assert_close(replayed, old.old_logprobs, atol=1e-6, rtol=0)

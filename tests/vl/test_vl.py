@@ -7,7 +7,7 @@ from sapo.data import Example
 from sapo.data.multimodal import encode_multimodal
 from sapo.models.loading import load_model, save_model
 from sapo.models.vl import VISION_TOKENS, is_vision_language, load_processor, placeholder_token_ids
-from sapo.rollout import make_engine
+from sapo.rollout import SamplingParams, make_engine
 from tests.vl.conftest import tiny_vl
 from tests.vl.test_multimodal import _png
 
@@ -33,8 +33,7 @@ def test_saved_tiny_vl_loads_with_the_same_processor_and_generates(tmp_path):
     ids, visual = encode_multimodal(example, "=\n", processor)
     ids2, visual2 = encode_multimodal(example, "=\n", again)
     assert ids == ids2 and torch.equal(visual["pixel_values"], visual2["pixel_values"])
-    batch = make_engine("torch", loaded).generate([ids2], max_new_tokens=3, eos_token_ids=[2], pad_token_id=0,
-                                                  extra_inputs=[visual2], greedy=True)
+    batch = make_engine("torch", loaded).generate([ids2], SamplingParams(max_new_tokens=3, eos_token_ids=[2], pad_token_id=0, greedy=True), extra_inputs=[visual2])
     assert len(batch.completion_ids[0]) >= 1
 
 
