@@ -56,11 +56,16 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         if args.command == "train":
+            from sapo import distributed
             from sapo.distributed import destroy
             from sapo.train import NonFiniteError, train
 
             try:
-                train(cfg, overrides)
+                result = train(cfg, overrides)
+                if result.get("finished") and cfg.report and distributed.rank() == 0:
+                    from sapo.report import write_report
+
+                    write_report(cfg.resume or cfg.output_dir)
             except NonFiniteError as err:
                 print(f"sapo train: stopped: {err}", file=sys.stderr)
                 return EXIT_NONFINITE

@@ -176,7 +176,8 @@ class Run:
 
 
 def train(cfg: TrainConfig, overrides: dict | None = None) -> dict:
-    """Run the RL loop described by cfg; returns the last metrics row (with eval metrics)."""
+    """Run the RL loop described by cfg; returns the last metrics row (with eval metrics) and
+    "finished" (max_steps reached). The run report is the CLI's job (`sapo report DIR` rewrites it)."""
     checkpoint_path = None
     if cfg.resume:
         cfg, checkpoint_path = resolve_resume(cfg, overrides or {})
@@ -229,11 +230,7 @@ def train(cfg: TrainConfig, overrides: dict | None = None) -> dict:
     logger.close()
     if state.step >= cfg.max_steps:
         distributed.save_final_model(run.policy, run.out_dir / "final_model", info)
-        if cfg.report and info.is_main:
-            from sapo.report import write_report
-
-            write_report(run.out_dir)
-    return step_metrics
+    return {**step_metrics, "finished": state.step >= cfg.max_steps}
 
 
 def rl_step(run: Run) -> tuple[dict[str, float], list[dict]]:

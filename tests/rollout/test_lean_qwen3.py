@@ -84,15 +84,55 @@ def test_moe_config_variants_match_hf_generate(prompts, overrides):
     assert engine.last_path == "lean"
 
 
-def test_bf16_runs_close_to_teacher_forcing(prompts):
-    model = copy.deepcopy(tiny_qwen3_moe()).to(torch.bfloat16)
-    engine = TorchEngine(model)
-    batch = run(engine, prompts, [5, 9], greedy=False, seed=0, max_new_tokens=8)
-    assert engine.last_path == "lean"
-    assert all(0 <= t < VOCAB for row in batch.completion_ids for t in row)
-    expected, got = teacher_forced_logprobs(model, batch, temperature=1.0)
-    assert torch.isfinite(got).all() and (got <= 0).all()
-    assert (got - expected).abs().max() < 0.02  # 0 measured on transformers 5.24; bf16 rounding may move it
+BF16_PROBE = """
+import copy, json, sys
+import torch
+sys.path.insert(0, sys.argv[1])
+from conftest import VOCAB, teacher_forced_logprobs, tiny_qwen3_moe
+from sapo.rollout import SamplingParams, TorchEngine
+g = torch.Generator().manual_seed(1)
+prompts = [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in [3, 7, 5, 1, 6]]
+model = copy.deepcopy(tiny_qwen3_moe()).to(torch.bfloat16)
+engine = TorchEngine(model)
+batch = engine.generate(prompts, SamplingParams(max_new_tokens=8, eos_token_ids=(5, 9), pad_token_id=0,
+                                                generator=torch.Generator().manual_seed(0)))
+trainer, sampler = teacher_forced_logprobs(model, batch, temperature=1.0)
+exact, _ = teacher_forced_logprobs(copy.deepcopy(model).float(), batch, temperature=1.0)
+print(json.dumps({"path": engine.last_path, "capability": torch.backends.cpu.get_cpu_capability(),
+                  "tokens": [t for row in batch.completion_ids for t in row],
+                  "sampler": sampler.tolist(), "trainer": trainer.tolist(), "fp32": exact.tolist()}))
+"""
+
+
+@pytest.mark.parametrize("kernels", ["default", "avx2"])
+def test_bf16_sampler_and_trainer_differ_by_less_than_bf16_itself(kernels):
+    """bf16 sampler log-probs against the trainer's teacher-forced bf16 log-probs of the same tokens.
+
+    The two run different shapes (one token per row against a KV cache, and the whole sequence at
+    once), so their bf16 roundings agree on some CPU kernel paths and not on others: ATen's scalar
+    ("default") kernels give a gap of 0 here and its AVX2 kernels 0.027, on the same machine (docs/
+    performance.md). Neither is wrong; what holds on every path is that the gap is smaller than the
+    error bf16 itself makes against the float32 forward of the same weights (~0.19 here), while a
+    misaligned or stale log-prob would be off by whole nats. Each kernel path runs in its own process
+    (ATEN_CPU_CAPABILITY is read at start-up), so every machine tests both."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": kernels, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-c", BF16_PROBE, str(Path(__file__).parent)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["path"] == "lean"
+    assert all(0 <= t < VOCAB for t in out["tokens"])
+    sampler, trainer, exact = (torch.tensor(out[k]) for k in ("sampler", "trainer", "fp32"))
+    assert torch.isfinite(sampler).all() and (sampler <= 0).all()
+    gap = (sampler - trainer).abs().max()
+    bf16_error = (trainer - exact).abs().max()
+    assert gap <= bf16_error, (out["capability"], float(gap), float(bf16_error))
 
 
 def test_routing_record_falls_back_to_the_hf_forward(prompts):
