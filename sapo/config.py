@@ -122,6 +122,16 @@ class TrainConfig:
         "sapo.rollout.register_engine", group="rollout",
     )
 
+    max_staleness: int = _opt(
+        0, "RL steps the sampling weights may lag: step t samples with the weights after step t-1-K (0 = the "
+        "synchronous loop; K >= 1 needs an engine with its own weights: engine=torch becomes torch-copy)",
+        group="rollout",
+    )
+    staleness_mode: str = _opt(
+        "sync", "how the lag is produced: sync = the same process, sampling then training, with the K older "
+        "weight versions kept", ("sync",), group="rollout",
+    )
+
     # ---- objective ------------------------------------------------------------------------
     loss_type: str = _opt("sapo", "policy objective", LOSS_TYPES, group="objective")
     tau_pos: float = _opt(1.0, "SAPO gate temperature for positive advantages", group="objective")
@@ -216,7 +226,7 @@ class TrainConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        nonneg = ("eval_batch_size", "router_aux_loss_coef", "micro_batch_size", "micro_batch_tokens", "warmup_steps", "weight_decay", "max_grad_norm", "beta", "eval_steps", "top_k",
+        nonneg = ("max_staleness", "eval_batch_size", "router_aux_loss_coef", "micro_batch_size", "micro_batch_tokens", "warmup_steps", "weight_decay", "max_grad_norm", "beta", "eval_steps", "top_k",
                   "save_steps", "threads", "lora_rank", "warmstart_steps", "tis_cap", "log_samples", "logprob_chunk_size")
         for name in nonneg:
             if getattr(self, name) < 0:

@@ -29,6 +29,7 @@ from sapo.tracking import NullLogger, RunLogger
 from sapo.training import phases
 from sapo.training.policy import Policy, load_policy
 from sapo.training.reference import make_reference
+from sapo.training.staleness import WeightHistory, sampling_version
 from sapo.training.state import PromptSampler, TrainerState
 from sapo.training.tasks import TaskData, load_task
 from sapo.training.teacher_forcing import ForwardSettings, TeacherForcing
@@ -169,6 +170,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     rollout_gen: torch.Generator
+    history: WeightHistory | None  # max_staleness > 0: the weight versions the coming steps sample with
     sampler: PromptSampler
     state: TrainerState
     counter_base: dict[str, float]
@@ -244,6 +246,9 @@ def rl_step(run: Run) -> tuple[dict[str, float], list[dict]]:
     prompt_indices = distributed.rank_slice(run.sampler.next(cfg.prompts_per_step), info)
     if info.enabled:  # a resume draws the same completions
         run.rollout_gen.manual_seed(distributed.rollout_seed(cfg.seed, state.step, info))
+    t_sync = 0.0
+    if run.history is not None:  # max_staleness = K: this step samples with the weights after step t-1-K
+        t_sync = phases.load_version(run.engine, run.history, sampling_version(state.step, cfg.max_staleness))
     sampling = run.policy.sampling(max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
                                    top_p=cfg.top_p, top_k=cfg.top_k, generator=run.rollout_gen,
                                    record_experts=cfg.routing_replay == "R3")
@@ -281,17 +286,21 @@ def rl_step(run: Run) -> tuple[dict[str, float], list[dict]]:
         state.nonfinite_run = opt.nonfinite_run
         metrics.update(opt.metrics)
         t_old, t_update = beh.seconds, opt.seconds
-    # 6. the rollout engine gets the new weights (a copy-holding engine copies them in)
-    t_sync = phases.sync_weights(run.engine, run.policy.model, version=state.step)
-    state.policy_version = state.step
+    # 6. the new weights: to the engine now, or kept for the step that samples with them (staleness)
+    if run.history is None:
+        t_sync += phases.sync_weights(run.engine, run.policy.model, version=state.step)
+    else:
+        run.history.record(state.step, run.policy.model)
+    state.policy_version = run.engine.policy_version
     batch = rollout.batch
     metrics.update({
         "nonfinite/skipped_total": float(state.nonfinite_total),
         "lr": run.scheduler.get_last_lr()[0],
         "time/rollout": rollout.seconds, "time/reward": scored.seconds, "time/old_logprobs": t_old,
-        "time/update": t_update, "time/sync": t_sync, "time/step": time.perf_counter() - t_step,
+        "time/update": t_update, "time/step": time.perf_counter() - t_step,
         "tokens/completion_per_s": batch.num_completion_tokens / max(rollout.seconds, 1e-9),
-        "rollout/policy_lag": float(state.step - 1 - batch.policy_version),
+        "async/staleness": float(state.step - 1 - batch.policy_version),  # RL steps behind, this batch
+        "async/sync_s": t_sync,  # handing weights to the engine
     })
     samples = _sample_rows(scored, adv, cfg.log_samples) if cfg.log_samples else []
     return distributed.reduce_metrics(metrics), samples  # one row for all ranks
@@ -341,17 +350,39 @@ def setup(cfg: TrainConfig, checkpoint_path: Path | None) -> Run:
         if not info.is_main:
             state.reward_counters = {}  # saved summed over ranks: rank 0 carries them
         print(f"[sapo] resuming {out_dir} from step {state.step}", flush=True)
-    engine = make_engine(cfg.engine, model)
-    if engine.owns_weights or state.policy_version:
+    engine = make_engine(_engine_name(cfg), model)
+    history = None
+    if cfg.max_staleness > 0:
+        if not engine.owns_weights:
+            raise ConfigError(f"max_staleness > 0 needs an engine with its own copy of the weights; engine="
+                              f"{cfg.engine} samples the live model")
+        if checkpoint_path is not None:
+            raise ConfigError("resuming a run with max_staleness > 0 is not supported yet: its checkpoints do not "
+                              "hold the older weight versions; start it again, or train with max_staleness=0")
+        history = WeightHistory(cfg.max_staleness)
+        history.record(0, model)
+    elif engine.owns_weights or state.policy_version:
         phases.sync_weights(engine, model, version=state.policy_version)
     return Run(
         cfg=cfg, info=info, out_dir=out_dir, policy=policy, task=task, engine=engine,
         forward=TeacherForcing(ForwardSettings.from_config(cfg), pad_token_id=policy.pad_token_id,
                                device=policy.device),
         reference=reference, update=UpdateSettings.from_config(cfg), optimizer=optimizer, scheduler=scheduler,
-        rollout_gen=rollout_gen, sampler=PromptSampler(len(task.train), cfg.seed, state.data_epoch, state.data_index),
+        rollout_gen=rollout_gen, history=history, sampler=PromptSampler(len(task.train), cfg.seed, state.data_epoch, state.data_index),
         state=state, counter_base=counter_base, resumed=checkpoint_path is not None,
     )
+
+
+def _engine_name(cfg: TrainConfig) -> str:
+    """The rollout engine: a lagging one must hold its own weights (torch -> torch-copy)."""
+    if cfg.max_staleness == 0:
+        return cfg.engine
+    if cfg.engine == "torch":
+        return "torch-copy"
+    if cfg.engine == "hf":
+        raise ConfigError("max_staleness > 0 needs an engine with its own copy of the weights; engine=hf samples "
+                          "the live model: use engine=torch (its copy, torch-copy, is then used)")
+    return cfg.engine
 
 
 def evaluate_policy(run: Run, step: int) -> dict[str, float]:

@@ -4,6 +4,7 @@ TrainerState a checkpoint holds, and evaluation sampling from the training distr
 import dataclasses
 import json
 
+import pytest
 import torch
 
 from sapo.config import build_config
@@ -26,7 +27,7 @@ def _weights(folder):
 def _same_rows(a, b):
     """Equal but for timings and the math-verify cache counters (per process: the second run in this
     process finds answers the first one verified)."""
-    skip = ("time/", "tokens/", "math/")
+    skip = ("time/", "tokens/", "math/", "async/sync_s")
     strip = lambda rows: [{k: v for k, v in r.items() if not k.startswith(skip)} for r in rows]  # noqa: E731
     return strip(a) == strip(b)
 
@@ -42,7 +43,7 @@ def test_an_engine_with_its_own_copy_trains_exactly_like_the_live_one(tmp_path, 
         runs[engine] = out
     live, copied = _rows(runs["torch"]), _rows(runs["torch-copy"])
     assert _same_rows(live, copied)
-    assert [r["rollout/policy_lag"] for r in copied] == [0.0, 0.0, 0.0]  # each batch sampled by the latest weights
+    assert [r["async/staleness"] for r in copied] == [0.0, 0.0, 0.0]  # each batch sampled by the latest weights
     end_live, end_copy = _weights(runs["torch"] / "final_model"), _weights(runs["torch-copy"] / "final_model")
     assert all(torch.equal(end_live[k], end_copy[k]) for k in end_live)
 
@@ -106,3 +107,43 @@ def test_sapo_train_writes_the_report_when_the_run_finishes(tmp_path, sapo_cache
     args = [f"{k}={v}" for k, v in {**TINY, "max_steps": "1", "report": "true", "output_dir": str(out)}.items()]
     assert main(["train", *args]) == 0
     assert (out / "report.md").is_file() and "SAPO" in (out / "report.md").read_text()
+
+
+def _digest(named):
+    return [(n, t.detach().double().sum().item()) for n, t in named]
+
+
+def test_max_staleness_samples_step_t_with_the_weights_after_step_t_minus_1_minus_k(tmp_path, sapo_cache, monkeypatch):
+    """K = 2 (staleness_mode=sync): the engine's weights when step t samples are the trainer's after step
+    max(0, t - 3), and the logged staleness is min(t - 1, K)."""
+    from sapo.training import phases, staleness
+
+    trainer_versions, sampled_with = {}, {}
+    record, collect = staleness.WeightHistory.record, phases.collect
+
+    def spy_record(self, version, model):
+        trainer_versions[version] = _digest((n, p) for n, p in model.named_parameters() if p.requires_grad)
+        return record(self, version, model)
+
+    def spy_collect(engine, policy, task, prompts, **kwargs):
+        sampled_with[len(sampled_with) + 1] = (engine.policy_version, _digest(
+            (n, p) for n, p in engine.model.named_parameters() if n in dict(trainer_versions[0])))
+        return collect(engine, policy, task, prompts, **kwargs)
+
+    monkeypatch.setattr(staleness.WeightHistory, "record", spy_record)
+    monkeypatch.setattr(phases, "collect", spy_collect)
+    out = tmp_path / "stale"
+    train(build_config(overrides={**TINY, "max_staleness": "2", "max_steps": "5", "lr": "1e-3",
+                                  "output_dir": str(out)}))
+    assert [r["async/staleness"] for r in _rows(out)] == [0.0, 1.0, 2.0, 2.0, 2.0]
+    for step, (version, digest) in sampled_with.items():
+        assert version == max(0, step - 3)
+        assert digest == trainer_versions[version], step
+    assert trainer_versions[0] != trainer_versions[2]  # the weights did move
+
+
+def test_staleness_needs_an_engine_with_its_own_weights(tmp_path):
+    from sapo.config import ConfigError
+
+    with pytest.raises(ConfigError, match="engine=hf samples the live model"):
+        train(build_config(overrides={**TINY, "max_staleness": "1", "engine": "hf", "output_dir": str(tmp_path)}))
