@@ -18,7 +18,7 @@ from sapo import distributed
 from sapo.config import ConfigError, TrainConfig
 from sapo.models import routing as moe
 from sapo.models.forward import hidden_states, output_bias, output_weight
-from sapo.objectives import aggregation_weights, policy_loss, resolve
+from sapo.objectives import aggregation_weights, objective_options, policy_loss, resolve
 from sapo.ops import fused_token_policy_loss, token_logprobs
 from sapo.training.batch import (
     completion_positions,
@@ -182,15 +182,13 @@ class PolicyHandle:
             options["epsilon_low"] = cfg.epsilon_low
         if cfg.epsilon_high >= 0:
             options["epsilon_high"] = cfg.epsilon_high
-        if cfg.loss_type == "dr_grpo":
-            options["max_completion_length"] = cfg.max_completion_length
-        return options
+        # plus what the objective declares it consumes from the run (Dr.GRPO: max_completion_length)
+        return objective_options(cfg.loss_type, options, max_completion_length=cfg.max_completion_length)
 
     # -- one optimizer update -----------------------------------------------------------------
     def fused_loss(self, cfg: TrainConfig, spec) -> bool:
         """The fused head applies to token-level objectives without KL and an lm_head without bias."""
-        return (cfg.fused_loss_head and spec.token_level and spec.beta == 0
-                and output_bias(self.model) is None)
+        return cfg.fused_loss_head and spec.fusable and output_bias(self.model) is None
 
     def _tis_weights(self, cfg: TrainConfig, old_logp, part, mask):
         """Truncated importance sampling: min(pi_old / pi_sampler, tis_cap) per token (sampler mismatch)."""
