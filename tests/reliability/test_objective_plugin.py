@@ -130,3 +130,21 @@ def test_cli_trains_with_an_installed_plugin_objective(sapo_cache, tmp_path):
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [row["step"] for row in rows] == [1, 2]
     assert all(math.isfinite(row["loss/total"]) for row in rows)
+
+
+def test_training_in_process_with_an_objective_registered_by_the_public_call(sapo_cache, tmp_path, monkeypatch):
+    """A clip-higher GRPO variant registered in user code; `sapo.cli.main` (the trainer) runs it in-process."""
+    from conftest import cli
+
+    from sapo.objectives import register_objective
+
+    monkeypatch.setattr(registry, "_OBJECTIVES", dict(registry._OBJECTIVES))
+    register_objective("grpo_clip_higher", ratio_level="token", shaping="clip", aggregation="token_mean",
+                       epsilon_low=0.2, epsilon_high=0.4)
+    out = tmp_path / "run"
+    assert cli(["train", *TINY, "loss_type=grpo_clip_higher", "max_steps=2", "eval_steps=0",
+                f"output_dir={out}"]) == 0
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows] == [1, 2]
+    assert all(math.isfinite(row["loss/total"]) for row in rows)
+    assert "clip/high_frac" in rows[0]  # the clip shaping's diagnostics come with it
