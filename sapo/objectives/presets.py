@@ -137,7 +137,7 @@ def objective_options(loss_type: str, options: dict, *, max_completion_length: i
     """
     run_values = {"max_completion_length": max_completion_length}  # INPUTS a run supplies by value
     supplied = {key: value for key, value in run_values.items() if value is not None and options.get(key) is None}
-    spec = resolve(loss_type, **options, **supplied)
+    spec = resolve(loss_type, **{**options, **supplied})
     return {**options, **{key: value for key, value in supplied.items() if key in spec.consumes}}
 
 

@@ -121,6 +121,8 @@ def test_builtin_declarations():
     assert objective_options("dr_grpo", {}, max_completion_length=48) == {"max_completion_length": 48}
     assert objective_options("dr_grpo", {"max_completion_length": 7}, max_completion_length=48) == {
         "max_completion_length": 7}  # an explicit value wins
+    assert objective_options("dr_grpo", {"max_completion_length": None}, max_completion_length=48) == {
+        "max_completion_length": 48}  # None counts as not given, as everywhere in resolve
     assert objective_options("grpo", {"aggregation": "seq_mean_token_sum_norm"}, max_completion_length=48) == {
         "aggregation": "seq_mean_token_sum_norm", "max_completion_length": 48}  # by axes, not by name
     for name in ("sapo", "grpo", "grpo_r2", "dapo", "gspo", "gspo_token", "cispo"):
