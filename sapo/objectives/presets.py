@@ -11,10 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from functools import cached_property
 
-from sapo.objectives import shaping as _builtin_shapings  # noqa: F401  (registers clip, soft_gate, cispo, none)
-from sapo.objectives.aggregation import AGGREGATIONS
-from sapo.objectives.kl import KL_ESTIMATORS
-from sapo.objectives.ratios import RATIO_LEVELS
+from sapo.objectives.axes import AGGREGATIONS, KL_ESTIMATORS, RATIO_LEVELS
 from sapo.objectives.registry import (
     ALIASES,  # noqa: F401  (re-exported from its old home)
     PRESETS,  # noqa: F401  (re-exported from its old home)
@@ -23,6 +20,7 @@ from sapo.objectives.registry import (
     get_shaping,
     objective_names,
     register_objective,
+    register_shaping,
     shaping_names,
 )
 
@@ -194,6 +192,25 @@ def validate(spec: LossSpec) -> None:
             f"{spec.ratio_level!r}; allowed shapings for {kind} ratios: {', '.join(allowed)}"
         )
 
+
+# The built-in shapings (their math in shaping.py, imported when a loss is first computed: this module stays
+# free of torch) and their constraints on the constants they use.
+def _check_clip(spec: LossSpec) -> None:
+    if spec.epsilon_low > 1:
+        raise ValueError(f"epsilon_low must be in [0, 1] for clipping (lower bound 1 - eps), got {spec.epsilon_low}")
+
+
+def _check_cispo(spec: LossSpec) -> None:
+    if spec.cispo_cap_mode == "absolute" and not spec.epsilon_high > 0:
+        raise ValueError("cispo with cispo_cap_mode='absolute' needs epsilon_high > 0 (it is the cap on r)")
+
+
+register_shaping("clip", "sapo.objectives.shaping:clip", check=_check_clip)
+register_shaping("soft_gate", "sapo.objectives.shaping:soft_gate")
+# CISPO weights each token's log-prob by its own (detached) ratio: per token only.
+register_shaping("cispo", "sapo.objectives.shaping:cispo", consumes=("logprobs", "detached_ratio"),
+                 ratio_levels=("token",), check=_check_cispo)
+register_shaping("none", "sapo.objectives.shaping:unshaped")
 
 # The built-in objectives, registered like any other (one call each; register_objective validates them with
 # LossSpec and validate above). PRESETS (registry.py) is the read-only view name -> axes and defaults.

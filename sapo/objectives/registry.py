@@ -14,19 +14,23 @@ Installed packages add objectives through the entry-point group `sapo.objectives
 The entry point's name is the loss_type; its object is a callable taking no arguments that registers (at
 least) that loss_type with `register_objective`. It is imported and called only when that name is asked
 for; listing the names (`objective_names`, `sapo train --help`) reads package metadata and imports nothing.
+
+This module, presets.py (which registers the built-ins) and axes.py import no torch: the built-in shapings
+are registered as "module:function" references, imported when a loss is first computed.
 """
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata
 import re
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
-from sapo.objectives.aggregation import AGGREGATIONS
-from sapo.objectives.ratios import RATIO_LEVELS
+from sapo.objectives.axes import AGGREGATIONS, RATIO_LEVELS
 
 if TYPE_CHECKING:
     import torch
@@ -59,6 +63,7 @@ AGGREGATION_INPUTS: dict[str, frozenset[str]] = {
     "seq_mean": frozenset(),
 }
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*\Z")
+_REFERENCE = re.compile(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*\Z")  # "package.module:function"
 
 # shape(ratio, advantages, logprobs or None, spec) -> loss, elementwise (shaping.py)
 ShapingFn = Callable[["torch.Tensor", "torch.Tensor", "torch.Tensor | None", "LossSpec"], "torch.Tensor"]
@@ -66,14 +71,29 @@ ShapingFn = Callable[["torch.Tensor", "torch.Tensor", "torch.Tensor | None", "Lo
 
 @dataclass(frozen=True)
 class Shaping:
-    """A registered shaping: the function and what it consumes."""
+    """A registered shaping: the function (or a "module:function" reference to it) and what it consumes."""
 
     name: str
-    fn: ShapingFn
+    target: ShapingFn | str
     consumes: frozenset[str]
     ratio_levels: tuple[str, ...]  # the ratio levels it is defined for
     check: Callable[[LossSpec], None] | None  # raises ValueError on constants that make no sense for it
     source: str  # who registered it, for error messages
+
+    @cached_property
+    def fn(self) -> ShapingFn:
+        """The function; a "module:function" reference is imported the first time a loss needs it."""
+        if callable(self.target):
+            return self.target
+        module, _, attr = self.target.partition(":")
+        try:
+            fn = getattr(importlib.import_module(module), attr)
+        except (ImportError, AttributeError) as err:
+            raise ValueError(f"shaping {self.name!r} (registered by {self.source}) refers to {self.target!r}, "
+                             f"which cannot be imported: {type(err).__name__}: {err}") from err
+        if not callable(fn):
+            raise ValueError(f"shaping {self.name!r}: {self.target!r} is a {type(fn).__name__}, not a function")
+        return fn
 
 
 @dataclass(frozen=True)
@@ -98,6 +118,12 @@ ALIASES = {"sapo_gated": "sapo"}
 _loading: list[str] = []  # the plug-in entry point being loaded (its registrations name it as their source)
 
 
+def _builtins() -> None:
+    """presets.py registers the built-in shapings and objectives when imported: every read of the tables
+    goes through here, so the registry is complete whichever module was imported first."""
+    import sapo.objectives.presets  # noqa: F401  (a sys.modules lookup after the first time)
+
+
 def _caller_source(depth: int = 2) -> str:
     if _loading:
         return _loading[-1]
@@ -112,7 +138,7 @@ def _check_name(kind: str, name) -> None:
 
 def register_shaping(
     name: str,
-    fn: ShapingFn,
+    fn: ShapingFn | str,
     *,
     consumes: tuple[str, ...] | frozenset[str] = (),
     ratio_levels: tuple[str, ...] = RATIO_LEVELS,
@@ -120,6 +146,7 @@ def register_shaping(
 ) -> Shaping:
     """Add a shaping `fn(ratio, advantages, logprobs, spec) -> loss` (elementwise, float32, loss = -objective).
 
+    fn: the function, or a "package.module:function" reference imported when a loss first needs it.
     consumes: any of SHAPING_INPUTS. "logprobs": fn gets the token log-probs with gradient (else None);
         "detached_ratio": the ratio carries no gradient; "max_completion_length": resolve() requires it
         and the trainer supplies it in spec.max_completion_length.
@@ -127,11 +154,12 @@ def register_shaping(
     check: optional fn(spec) raising ValueError for constants that make no sense with this shaping.
     """
     _check_name("shaping", name)
+    _builtins()
     if name in _SHAPINGS:
         raise ValueError(f"shaping {name!r} is already registered (by {_SHAPINGS[name].source}); choose another name")
-    if not callable(fn):
+    if not (callable(fn) or isinstance(fn, str) and _REFERENCE.match(fn)):
         raise ValueError(f"shaping {name!r}: fn must be callable (ratio, advantages, logprobs, spec) -> loss, "
-                         f"got {type(fn).__name__}")
+                         f"or a 'package.module:function' reference, got {fn!r}")
     consumes = frozenset((consumes,) if isinstance(consumes, str) else consumes)
     unknown = sorted(consumes - set(SHAPING_INPUTS))
     if unknown:
@@ -163,6 +191,7 @@ def register_objective(name: str, *, ratio_level: str, shaping: str, aggregation
     from sapo.objectives.presets import LossSpec, validate  # presets.py registers the built-ins through here
 
     _check_name("objective", name)
+    _builtins()
     if name in _OBJECTIVES or name in ALIASES:
         existing = _OBJECTIVES[ALIASES.get(name, name)].source
         raise ValueError(f"loss_type {name!r} is already registered (by {existing}); choose another name")
@@ -201,6 +230,7 @@ def consumed_inputs(spec: LossSpec) -> frozenset[str]:
 
 
 def get_shaping(name: str) -> Shaping:
+    _builtins()
     try:
         return _SHAPINGS[name]
     except KeyError:
@@ -208,6 +238,7 @@ def get_shaping(name: str) -> Shaping:
 
 
 def shaping_names() -> tuple[str, ...]:
+    _builtins()
     return tuple(_SHAPINGS)
 
 
@@ -247,12 +278,14 @@ def _load_plugin(name: str, ep: importlib.metadata.EntryPoint) -> None:
 
 def objective_names() -> tuple[str, ...]:
     """Every loss_type: registered objectives, aliases, then installed plug-ins not loaded yet (not imported)."""
+    _builtins()
     plugins = [name for name in _entry_points() if name not in _OBJECTIVES and name not in ALIASES]
     return (*_OBJECTIVES, *ALIASES, *plugins)
 
 
 def get_objective(loss_type: str) -> Objective:
     """The Objective of `loss_type` (an alias, a registered name, or an installed plug-in, loaded now)."""
+    _builtins()
     name = ALIASES.get(loss_type, loss_type)
     if name in _OBJECTIVES:
         return _OBJECTIVES[name]
@@ -272,12 +305,15 @@ class _PresetView(Mapping):
     """name -> preset dict (axes and defaults) of every registered objective; read-only, always current."""
 
     def __getitem__(self, name: str) -> dict[str, Any]:
+        _builtins()
         return _OBJECTIVES[name].preset()
 
     def __iter__(self) -> Iterator[str]:
+        _builtins()
         return iter(list(_OBJECTIVES))
 
     def __len__(self) -> int:
+        _builtins()
         return len(_OBJECTIVES)
 
     def __repr__(self) -> str:

@@ -4,8 +4,8 @@ Every shaping function has the same signature, elementwise over any shape:
     shape(ratio, advantages, logprobs, spec) -> loss      (loss = -objective, float32)
 `ratio` is r (token), s_i (sequence) or s_{i,t} (sequence_token); `advantages` broadcasts against it;
 `logprobs` (float32, the ratio's shape) is given only to a shaping that declares it consumes "logprobs"
-(CISPO), else it is None. Each shaping is registered below with what it consumes (registry.py);
-a new one is one function plus one `register_shaping` call, here or in user code.
+(CISPO), else it is None. presets.py registers each one with what it consumes (registry.py); a new one is
+one function plus one `register_shaping` call, in the library or in user code.
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
-
-from sapo.objectives.registry import register_shaping
 
 if TYPE_CHECKING:
     from sapo.objectives.presets import LossSpec
@@ -64,20 +62,3 @@ def cispo(ratio, advantages, logprobs, spec: LossSpec) -> torch.Tensor:
 def unshaped(ratio, advantages, logprobs, spec: LossSpec) -> torch.Tensor:
     """Plain importance-weighted policy gradient: -r A."""
     return ratio * -advantages
-
-
-def _check_clip(spec: LossSpec) -> None:
-    if spec.epsilon_low > 1:
-        raise ValueError(f"epsilon_low must be in [0, 1] for clipping (lower bound 1 - eps), got {spec.epsilon_low}")
-
-
-def _check_cispo(spec: LossSpec) -> None:
-    if spec.cispo_cap_mode == "absolute" and not spec.epsilon_high > 0:
-        raise ValueError("cispo with cispo_cap_mode='absolute' needs epsilon_high > 0 (it is the cap on r)")
-
-
-register_shaping("clip", clip, check=_check_clip)
-register_shaping("soft_gate", soft_gate)
-# CISPO weights each token's log-prob by its own (detached) ratio: per token only.
-register_shaping("cispo", cispo, consumes=("logprobs", "detached_ratio"), ratio_levels=("token",), check=_check_cispo)
-register_shaping("none", unshaped)

@@ -217,3 +217,19 @@ def test_a_failed_registration_registers_nothing():
         register_objective("x", ratio_level="sequence", shaping="clip", aggregation="token_mean")
     assert "x" not in loss_types()
     register_objective("x", ratio_level="sequence", shaping="clip", aggregation="seq_mean")  # the name is free
+
+
+def test_a_shaping_by_reference_is_imported_on_first_use():
+    register_shaping("plain", "sapo.objectives.shaping:unshaped")
+    register_shaping("missing", "sapo.objectives.shaping:no_such_function")
+    register_objective("o_plain", ratio_level="token", shaping="plain", aggregation="token_mean")
+    register_objective("o_missing", ratio_level="token", shaping="missing", aggregation="token_mean")
+    logprobs, old, advantages, mask = batch()
+    ours, _ = policy_loss(logprobs, old, advantages, mask, "o_plain", with_metrics=False)
+    ref, _ = policy_loss(logprobs, old, advantages, mask, "grpo", shaping="none", aggregation="token_mean",
+                         with_metrics=False)
+    assert torch.equal(ours, ref)
+    with pytest.raises(ValueError, match="shaping 'missing' .registered by module test_registry. refers to "
+                                         "'sapo.objectives.shaping:no_such_function', which cannot be imported: "
+                                         "AttributeError"):
+        policy_loss(logprobs, old, advantages, mask, "o_missing")

@@ -148,3 +148,18 @@ def test_training_in_process_with_an_objective_registered_by_the_public_call(sap
     assert [row["step"] for row in rows] == [1, 2]
     assert all(math.isfinite(row["loss/total"]) for row in rows)
     assert "clip/high_frac" in rows[0]  # the clip shaping's diagnostics come with it
+
+
+def test_listing_and_validating_objectives_imports_no_torch(tmp_path):
+    """`sapo train --help` and the loss_type check read the registry without importing torch (~1.5 s)."""
+    import subprocess
+
+    code = ("import sys; from sapo.config import _check_loss_type, help_text; from sapo.objectives import resolve; "
+            "assert 'gpg' in help_text(); _check_loss_type('dr_grpo'); resolve('cispo'); "
+            "assert resolve('cispo').consumes == {'logprobs', 'detached_ratio'}; "
+            "print('torch' in sys.modules)")
+    site = install(tmp_path / "site", "gpg-objective", {"gpg": "plug_gpg:register"}, {"plug_gpg": GPG_MODULE})
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(site)])}
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "False"
