@@ -213,7 +213,7 @@ def register_objective(name: str, *, ratio_level: str, shaping: str, aggregation
         probe["max_completion_length"] = 1  # supplied per run (objective_options); any valid value checks the rest
     try:
         validate(LossSpec(loss_type=name, **probe))
-    except ValueError as err:
+    except (ValueError, TypeError) as err:  # TypeError: a default of the wrong type (tau_pos="1")
         raise ValueError(f"objective {name!r}: {err}") from None
     _OBJECTIVES[name] = objective
     return objective

@@ -197,6 +197,8 @@ def test_plugin_objective_runs_in_the_fused_head_like_policy_loss():
      "shaping='cispo' needs ratio_level='token'"),
     (lambda: register_objective("x", ratio_level="token", shaping="clip", aggregation="token_mean", epsilon_low=2.0),
      "objective 'x': epsilon_low must be in"),
+    (lambda: register_objective("x", ratio_level="token", shaping="soft_gate", aggregation="token_mean", tau_pos="1"),
+     "objective 'x': '>' not supported"),
     (lambda: register_objective("", ratio_level="token", shaping="clip", aggregation="token_mean"), "name must be"),
     (lambda: register_objective("a b", ratio_level="token", shaping="clip", aggregation="token_mean"),
      "name must be"),
