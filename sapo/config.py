@@ -26,7 +26,21 @@ def _opt(default: Any, help: str, choices: tuple | None = None, group: str = "ru
     return field(default=default, metadata=meta)
 
 
-LOSS_TYPES = ("sapo", "grpo", "dapo", "dr_grpo", "gspo", "gspo_token", "cispo", "grpo_r2")
+def _loss_types() -> tuple[str, ...]:
+    """Every loss_type, from the objective registry: installed plug-ins are listed, not imported."""
+    from sapo.objectives import loss_types
+
+    return loss_types()
+
+
+def _check_loss_type(name: str) -> None:
+    """A registered loss_type, or an installed plug-in's, imported now: its errors show before any model loads."""
+    from sapo.objectives import get_objective
+
+    try:
+        get_objective(name)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 @dataclass
@@ -133,7 +147,8 @@ class TrainConfig:
     )
 
     # ---- objective ------------------------------------------------------------------------
-    loss_type: str = _opt("sapo", "policy objective", LOSS_TYPES, group="objective")
+    loss_type: str = _opt("sapo", "policy objective: built-in, registered, or from an installed plug-in "
+                          "(docs/objectives.md)", _loss_types, group="objective")
     tau_pos: float = _opt(1.0, "SAPO gate temperature for positive advantages", group="objective")
     tau_neg: float = _opt(1.05, "SAPO gate temperature for non-positive advantages", group="objective")
     epsilon_low: float = _opt(-1.0, "lower clip range (-1: the loss_type's default)", group="objective")
@@ -219,8 +234,10 @@ class TrainConfig:
         """Reject impossible values and combinations before any work starts."""
         for f in dataclasses.fields(self):
             choices = f.metadata.get("choices")
+            choices = choices() if callable(choices) else choices  # loss_type: computed from the registry
             if choices and getattr(self, f.name) not in choices:
                 raise ConfigError(f"{f.name}={getattr(self, f.name)!r} is not one of {', '.join(map(str, choices))}")
+        _check_loss_type(self.loss_type)
         positive = ("prompts_per_step", "num_generations", "max_completion_length", "max_steps",
                     "num_minibatches", "max_prompt_length", "max_consecutive_nonfinite", "keep_checkpoints")
         for name in positive:
@@ -459,6 +476,7 @@ def help_text() -> str:
             current = group
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         choices = f.metadata.get("choices")
+        choices = choices() if callable(choices) else choices
         extra = f" (one of: {', '.join(map(str, choices))})" if choices else ""
         lines.append(f"  {f.name} = {default!r}")
         lines.append(f"      {f.metadata.get('help', '')}{extra}")

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from trl import GRPOTrainer
 
-from sapo.objectives import LossSpec, policy_loss, resolve
+from sapo.objectives import LossSpec, objective_options, policy_loss, resolve
 
 # Inputs that TRL's log-prob helper takes for multimodal models, passed through unchanged.
 MULTIMODAL_KEYS = (
@@ -67,9 +67,8 @@ class SapoGRPOTrainer(GRPOTrainer):
             raise ValueError(f"objective option beta={beta} contradicts GRPOConfig.beta={self.beta}: set beta in "
                              "GRPOConfig (TRL computes reference log-probs only when it is non-zero)")
         options["beta"] = self.beta
-        with_length = {"max_completion_length": self.max_completion_length, **options}
-        if resolve(objective, **with_length).aggregation == "seq_mean_token_sum_norm":  # Dr.GRPO's L_max
-            options = with_length
+        # plus what the objective declares it consumes from the run (Dr.GRPO: L_max = max_completion_length)
+        options = objective_options(objective, options, max_completion_length=self.max_completion_length)
         spec = resolve(objective, **options)
         self.objective, self.objective_options, self.objective_spec = objective, options, spec
         return spec

@@ -20,12 +20,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from sapo.objectives.axes import AGGREGATIONS
 from sapo.objectives.masking import float_mask
 
 if TYPE_CHECKING:
     from sapo.objectives.presets import LossSpec
-
-AGGREGATIONS = ("seq_mean_token_mean", "token_mean", "seq_mean_token_sum_norm", "seq_mean")
 
 Count = int | float | torch.Tensor | None
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-KL_ESTIMATORS = ("k1", "k3")
+from sapo.objectives.axes import KL_ESTIMATORS
 
 
 def token_kl(

@@ -5,6 +5,9 @@ with l the shaped per-token loss (shaping.py) of the chosen ratio (ratios.py), w
 weights (aggregation.py) and tw optional detached token_weights. A sequence-ratio objective (GSPO) has one
 loss per sequence instead, averaged over sequences without length weighting.
 
+What is built for the shaping follows the objective's declarations (`spec.consumes`, registry.py), never
+its name: log-probs with gradient only when consumed, a detached ratio when declared.
+
 Masked positions are made finite and zeroed before any arithmetic (masking.py), so NaN/inf there never
 reach the loss or the gradients; a NaN at an unmasked position (log-probs, advantages, reference
 log-probs, token weights) makes the loss NaN.
@@ -25,7 +28,7 @@ from sapo.objectives.ratios import (
     sequence_token_ratio,
     token_log_ratio,
 )
-from sapo.objectives.shaping import SHAPINGS
+from sapo.objectives.registry import get_shaping
 
 
 def _token_advantages(advantages: torch.Tensor) -> torch.Tensor:
@@ -50,8 +53,11 @@ def token_loss(
             f"ratio_level={spec.ratio_level!r}, which needs the mask: use policy_loss"
         )
     advantages = _token_advantages(advantages)
-    ratio = torch.exp(token_log_ratio(logprobs, old_logprobs, spec.log_ratio_clamp))
-    return SHAPINGS[spec.shaping](ratio, advantages, logprobs.float(), spec)
+    ratio_logprobs = logprobs.detach() if spec.detached_ratio else logprobs
+    ratio = torch.exp(token_log_ratio(ratio_logprobs, old_logprobs, spec.log_ratio_clamp))
+    shaping = get_shaping(spec.shaping)
+    logp = logprobs.float() if "logprobs" in shaping.consumes else None
+    return shaping.fn(ratio, advantages, logp, spec)
 
 
 def _check_shapes(logprobs, old_logprobs, advantages, mask, ref_logprobs, token_weights) -> None:
@@ -85,9 +91,9 @@ def policy_loss(
     """Scalar float32 loss (to minimise) and a dict of float metrics. See docs/objectives.md."""
     spec = resolve(loss_type, **options)
     _check_shapes(logprobs, old_logprobs, advantages, mask, ref_logprobs, token_weights)
-    if spec.beta > 0 and ref_logprobs is None:
+    if spec.needs_ref_logprobs and ref_logprobs is None:
         raise ValueError(f"beta={spec.beta} > 0 needs ref_logprobs ([B, T] reference-model log-probs)")
-    if spec.ratio_level == "sequence" and advantages.dim() != 1:
+    if spec.sequence_advantages and advantages.dim() != 1:
         raise ValueError(
             "ratio_level='sequence' (gspo) needs per-sequence advantages of shape [B]; for per-token "
             "advantages use loss_type='gspo_token' (ratio_level='sequence_token')"
@@ -97,8 +103,8 @@ def policy_loss(
 
     maskf = float_mask(mask)  # [B, T] 0/1
     # Masked slots are made finite and zeroed before any arithmetic (masking.py): NaN * 0 would be NaN.
-    # CISPO's weight is detached: its ratio needs no graph (the gradient flows through logp only).
-    ratio_logprobs = logprobs.detach() if spec.shaping == "cispo" else logprobs
+    # A detached-ratio shaping (CISPO) gets a ratio without graph: its gradient flows through logp only.
+    ratio_logprobs = logprobs.detach() if spec.detached_ratio else logprobs
     log_ratio, bad = masked_token_log_ratio(ratio_logprobs, old_logprobs, maskf, spec.log_ratio_clamp)  # 0 where masked
     lengths = maskf.sum(-1)  # [B]
     if advantages.dim() == 1:  # per sequence: [B, 1], rows without tokens get 0
@@ -106,15 +112,15 @@ def policy_loss(
     else:
         token_adv, bad_adv = masked_finite(advantages.detach(), maskf)  # [B, T]
         bad = bad | bad_adv
-    needs_logp = spec.shaping == "cispo" or spec.ratio_level == "sequence_token" or spec.beta > 0
-    # [B, T]; an unmasked NaN here is also one in the log-ratio, already flagged in `bad`
-    logp = masked_finite(logprobs, maskf, flag_nan=False)[0] if needs_logp else None
-    shape_fn = SHAPINGS[spec.shaping]
+    # [B, T] when the shaping, the sequence_token ratio or the KL term consumes it; an unmasked NaN here is
+    # also one in the log-ratio, already flagged in `bad`
+    logp = masked_finite(logprobs, maskf, flag_nan=False)[0] if spec.needs_logprobs else None
+    shaping = get_shaping(spec.shaping)
 
     if spec.ratio_level == "sequence":
         seq_log_ratio = sequence_log_ratio(log_ratio, maskf)  # [B]
         seq_ratio = torch.exp(seq_log_ratio)  # s_i, GSPO eq. 7
-        seq_loss = shape_fn(seq_ratio, token_adv.squeeze(-1), None, spec)  # [B]
+        seq_loss = shaping.fn(seq_ratio, token_adv.squeeze(-1), None, spec)  # [B] (no per-token logprobs here)
         policy = (seq_loss * sequence_weights(maskf, num_sequences=num_sequences)).sum()
         ratio = seq_ratio.unsqueeze(-1).expand(maskf.shape)  # [B, T] view, for the metrics
         weights = None
@@ -123,7 +129,8 @@ def policy_loss(
             ratio = torch.exp(log_ratio)  # r_{i,t}
         else:  # sequence_token, GSPO eq. 13
             ratio = sequence_token_ratio(logp, sequence_log_ratio(log_ratio, maskf))
-        per_token = shape_fn(ratio, token_adv, logp, spec)  # [B, T]
+        shaping_logp = logp if "logprobs" in shaping.consumes else None  # only to a shaping that declares it
+        per_token = shaping.fn(ratio, token_adv, shaping_logp, spec)  # [B, T]
         if token_weights is not None:
             token_weights, bad_weights = masked_finite(token_weights.detach(), maskf)
             per_token = per_token * token_weights
@@ -133,7 +140,7 @@ def policy_loss(
 
     loss = policy
     kl_term = per_token_kl = None
-    if spec.beta > 0:
+    if spec.needs_ref_logprobs:
         ref_logp, bad_ref = masked_finite(ref_logprobs.detach(), maskf)  # [B, T]
         bad = bad | bad_ref
         per_token_kl = token_kl(logp, ref_logp, spec.kl_estimator, spec.log_ratio_clamp)  # 0 where masked

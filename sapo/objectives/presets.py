@@ -1,18 +1,28 @@
 """Named objectives as points on three axes (ratio level x shaping x aggregation) plus their constants.
 
-`resolve(loss_type, **options)` starts from a preset and applies overrides, then validates the result.
-Adding an objective is one line in PRESETS (plus, for a new shaping, one function in shaping.py).
+`resolve(loss_type, **options)` starts from a registered objective and applies overrides, then validates
+the result. The built-in objectives below are registered with the same `register_objective` call a user or
+a plug-in uses (registry.py); what each one consumes comes from its axes' declarations (`LossSpec.consumes`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from functools import cached_property
 
-from sapo.objectives.aggregation import AGGREGATIONS
-from sapo.objectives.kl import KL_ESTIMATORS
-from sapo.objectives.ratios import RATIO_LEVELS
-from sapo.objectives.shaping import SHAPINGS
+from sapo.objectives.axes import AGGREGATIONS, KL_ESTIMATORS, RATIO_LEVELS
+from sapo.objectives.registry import (
+    ALIASES,  # noqa: F401  (re-exported from its old home)
+    PRESETS,  # noqa: F401  (re-exported from its old home)
+    consumed_inputs,
+    get_objective,
+    get_shaping,
+    objective_names,
+    register_objective,
+    register_shaping,
+    shaping_names,
+)
 
 CISPO_CAP_MODES = ("absolute", "relative")
 
@@ -23,7 +33,7 @@ class LossSpec:
 
     loss_type: str
     ratio_level: str  # one of RATIO_LEVELS
-    shaping: str  # one of SHAPINGS
+    shaping: str  # a registered shaping (shaping_names())
     aggregation: str  # one of AGGREGATIONS
     tau_pos: float = 1.0  # SAPO gate temperature for A > 0
     tau_neg: float = 1.05  # SAPO gate temperature for A <= 0
@@ -40,23 +50,40 @@ class LossSpec:
         """True when the loss is per token and token_loss / aggregation_weights describe it fully."""
         return self.ratio_level == "token"
 
+    # What the objective consumes, from its axes' declarations (registry.INPUTS); never from its name.
+    @cached_property
+    def consumes(self) -> frozenset[str]:
+        return consumed_inputs(self)
 
-def _preset(ratio_level: str, shaping: str, aggregation: str, **constants) -> dict:
-    return dict(ratio_level=ratio_level, shaping=shaping, aggregation=aggregation, **constants)
+    @property
+    def needs_logprobs(self) -> bool:
+        """The shaping, the ratio (sequence_token) or the KL term uses the token log-probs with gradient."""
+        return "logprobs" in self.consumes
 
+    @property
+    def detached_ratio(self) -> bool:
+        """The ratio is computed from detached log-probs (CISPO: the gradient flows through logp only)."""
+        return "detached_ratio" in self.consumes
 
-# name -> axes and defaults. One line per objective.
-PRESETS: dict[str, dict] = {
-    "sapo": _preset("token", "soft_gate", "seq_mean_token_mean", tau_pos=1.0, tau_neg=1.05),
-    "grpo": _preset("token", "clip", "seq_mean_token_mean", epsilon_low=0.2, epsilon_high=0.2),
-    "grpo_r2": _preset("token", "clip", "seq_mean_token_mean", epsilon_low=0.2, epsilon_high=0.27),
-    "dapo": _preset("token", "clip", "token_mean", epsilon_low=0.2, epsilon_high=0.28),
-    "dr_grpo": _preset("token", "clip", "seq_mean_token_sum_norm", epsilon_low=0.2, epsilon_high=0.2),
-    "gspo": _preset("sequence", "clip", "seq_mean", epsilon_low=3e-4, epsilon_high=4e-4),
-    "gspo_token": _preset("sequence_token", "clip", "seq_mean_token_mean", epsilon_low=3e-4, epsilon_high=4e-4),
-    "cispo": _preset("token", "cispo", "token_mean", epsilon_high=5.0),
-}
-ALIASES = {"sapo_gated": "sapo"}
+    @property
+    def needs_max_completion_length(self) -> bool:
+        return "max_completion_length" in self.consumes
+
+    @property
+    def needs_ref_logprobs(self) -> bool:
+        return "ref_logprobs" in self.consumes
+
+    @property
+    def sequence_advantages(self) -> bool:
+        """Advantages must be per sequence, [B] (a sequence ratio: one loss per sequence)."""
+        return "sequence_advantages" in self.consumes
+
+    @property
+    def fusable(self) -> bool:
+        """token_loss x aggregation_weights is the whole loss, so sapo.ops can fuse it with the lm_head:
+        a per-token ratio and no KL term (which needs reference log-probs)."""
+        return self.token_level and not self.needs_ref_logprobs
+
 
 # TRL's option names -> ours.
 OPTION_ALIASES = {"sapo_temperature_pos": "tau_pos", "sapo_temperature_neg": "tau_neg"}
@@ -65,7 +92,8 @@ OPTIONS = (*_FIELDS, "epsilon", *OPTION_ALIASES)
 
 
 def loss_types() -> tuple[str, ...]:
-    return (*PRESETS, *ALIASES)
+    """Every loss_type: registered objectives, aliases and installed plug-ins (listed, not imported)."""
+    return objective_names()
 
 
 def resolve(loss_type: str = "sapo", **options) -> LossSpec:
@@ -74,9 +102,8 @@ def resolve(loss_type: str = "sapo", **options) -> LossSpec:
     Options set to None count as not given. `epsilon` sets epsilon_low and epsilon_high unless those are
     given too. `sapo_temperature_pos/neg` are TRL's names for tau_pos/tau_neg.
     """
-    name = ALIASES.get(loss_type, loss_type)
-    if name not in PRESETS:
-        raise ValueError(f"unknown loss_type {loss_type!r}; allowed: {', '.join(loss_types())}")
+    objective = get_objective(loss_type)  # loads an installed plug-in the first time its name is asked for
+    name = objective.name
     unknown = sorted(set(options) - set(OPTIONS))
     if unknown:
         raise ValueError(f"unknown option(s) {unknown} for policy objectives; allowed: {', '.join(OPTIONS)}")
@@ -93,9 +120,23 @@ def resolve(loss_type: str = "sapo", **options) -> LossSpec:
         given.setdefault("epsilon_high", epsilon)
     if name == "cispo" and given.get("cispo_cap_mode") == "relative" and "epsilon_high" not in given:
         raise ValueError("cispo_cap_mode='relative' caps the weight at 1 + epsilon_high: pass epsilon_high explicitly")
-    spec = LossSpec(loss_type=name, **{**PRESETS[name], **given})
+    spec = LossSpec(loss_type=name, **{**objective.preset(), **given})
     validate(spec)
     return spec
+
+
+def objective_options(loss_type: str, options: dict, *, max_completion_length: int | None = None) -> dict:
+    """`options` plus the run-level values the objective declares it consumes: what a trainer passes to
+    resolve / policy_loss. A value is added only when the resolved objective (options applied, e.g. an
+    `aggregation` override) consumes it, and never over a value `options` already holds.
+
+        objective_options("dr_grpo", {}, max_completion_length=48) == {"max_completion_length": 48}
+        objective_options("sapo", {}, max_completion_length=48) == {}
+    """
+    run_values = {"max_completion_length": max_completion_length}  # INPUTS a run supplies by value
+    supplied = {key: value for key, value in run_values.items() if value is not None and options.get(key) is None}
+    spec = resolve(loss_type, **{**options, **supplied})
+    return {**options, **{key: value for key, value in supplied.items() if key in spec.consumes}}
 
 
 def _one_of(name: str, value, allowed) -> None:
@@ -106,7 +147,7 @@ def _one_of(name: str, value, allowed) -> None:
 def validate(spec: LossSpec) -> None:
     """Raise ValueError when a value or a combination of axes makes no sense."""
     _one_of("ratio_level", spec.ratio_level, RATIO_LEVELS)
-    _one_of("shaping", spec.shaping, tuple(SHAPINGS))
+    _one_of("shaping", spec.shaping, shaping_names())
     _one_of("aggregation", spec.aggregation, AGGREGATIONS)
     _one_of("kl_estimator", spec.kl_estimator, KL_ESTIMATORS)
     _one_of("cispo_cap_mode", spec.cispo_cap_mode, CISPO_CAP_MODES)
@@ -116,10 +157,9 @@ def validate(spec: LossSpec) -> None:
     for eps_name in ("epsilon_low", "epsilon_high"):
         if not getattr(spec, eps_name) >= 0:
             raise ValueError(f"{eps_name} must be >= 0, got {getattr(spec, eps_name)}")
-    if spec.shaping == "clip" and spec.epsilon_low > 1:
-        raise ValueError(f"epsilon_low must be in [0, 1] for clipping (lower bound 1 - eps), got {spec.epsilon_low}")
-    if spec.shaping == "cispo" and spec.cispo_cap_mode == "absolute" and not spec.epsilon_high > 0:
-        raise ValueError("cispo with cispo_cap_mode='absolute' needs epsilon_high > 0 (it is the cap on r)")
+    shaping = get_shaping(spec.shaping)
+    if shaping.check is not None:  # the shaping's own constraints on the constants it uses
+        shaping.check(spec)
     if not spec.beta >= 0:
         raise ValueError(f"beta must be >= 0, got {spec.beta}")
     if not spec.log_ratio_clamp > 0:
@@ -128,11 +168,12 @@ def validate(spec: LossSpec) -> None:
         isinstance(spec.max_completion_length, int) and spec.max_completion_length > 0
     ):
         raise ValueError(f"max_completion_length must be a positive int, got {spec.max_completion_length!r}")
-    if spec.aggregation == "seq_mean_token_sum_norm" and spec.max_completion_length is None:
-        raise ValueError(
-            "aggregation='seq_mean_token_sum_norm' (dr_grpo) divides by num_sequences * max_completion_length: "
-            "pass max_completion_length (the configured generation limit, not the padded width)"
-        )
+    if spec.needs_max_completion_length and spec.max_completion_length is None:
+        if spec.aggregation == "seq_mean_token_sum_norm":
+            why = "aggregation='seq_mean_token_sum_norm' (dr_grpo) divides by num_sequences * max_completion_length"
+        else:
+            why = f"shaping={spec.shaping!r} declares that it consumes max_completion_length"
+        raise ValueError(f"{why}: pass max_completion_length (the configured generation limit, not the padded width)")
     if spec.ratio_level == "sequence" and spec.aggregation != "seq_mean":
         raise ValueError(
             f"ratio_level='sequence' gives one loss per sequence: aggregation must be 'seq_mean', "
@@ -143,8 +184,48 @@ def validate(spec: LossSpec) -> None:
             f"aggregation='seq_mean' needs ratio_level='sequence'; for ratio_level={spec.ratio_level!r} use one of "
             "seq_mean_token_mean, token_mean, seq_mean_token_sum_norm"
         )
-    if spec.shaping == "cispo" and spec.ratio_level != "token":
+    if spec.ratio_level not in shaping.ratio_levels:
+        kind = "token" if spec.ratio_level == "token" else "sequence"
+        allowed = [name for name in shaping_names() if spec.ratio_level in get_shaping(name).ratio_levels]
         raise ValueError(
-            f"shaping='cispo' weights each token's log-prob by its own ratio: it needs ratio_level='token', "
-            f"got {spec.ratio_level!r}; allowed shapings for sequence ratios: clip, soft_gate, none"
+            f"shaping={spec.shaping!r} needs ratio_level={' or '.join(map(repr, shaping.ratio_levels))}, got "
+            f"{spec.ratio_level!r}; allowed shapings for {kind} ratios: {', '.join(allowed)}"
         )
+
+
+# The built-in shapings (their math in shaping.py, imported when a loss is first computed: this module stays
+# free of torch) and their constraints on the constants they use.
+def _check_clip(spec: LossSpec) -> None:
+    if spec.epsilon_low > 1:
+        raise ValueError(f"epsilon_low must be in [0, 1] for clipping (lower bound 1 - eps), got {spec.epsilon_low}")
+
+
+def _check_cispo(spec: LossSpec) -> None:
+    if spec.cispo_cap_mode == "absolute" and not spec.epsilon_high > 0:
+        raise ValueError("cispo with cispo_cap_mode='absolute' needs epsilon_high > 0 (it is the cap on r)")
+
+
+register_shaping("clip", "sapo.objectives.shaping:clip", check=_check_clip)
+register_shaping("soft_gate", "sapo.objectives.shaping:soft_gate")
+# CISPO weights each token's log-prob by its own (detached) ratio: per token only.
+register_shaping("cispo", "sapo.objectives.shaping:cispo", consumes=("logprobs", "detached_ratio"),
+                 ratio_levels=("token",), check=_check_cispo)
+register_shaping("none", "sapo.objectives.shaping:unshaped")
+
+# The built-in objectives, registered like any other (one call each; register_objective validates them with
+# LossSpec and validate above). PRESETS (registry.py) is the read-only view name -> axes and defaults.
+register_objective("sapo", ratio_level="token", shaping="soft_gate", aggregation="seq_mean_token_mean",
+                   tau_pos=1.0, tau_neg=1.05)
+register_objective("grpo", ratio_level="token", shaping="clip", aggregation="seq_mean_token_mean",
+                   epsilon_low=0.2, epsilon_high=0.2)
+register_objective("grpo_r2", ratio_level="token", shaping="clip", aggregation="seq_mean_token_mean",
+                   epsilon_low=0.2, epsilon_high=0.27)
+register_objective("dapo", ratio_level="token", shaping="clip", aggregation="token_mean",
+                   epsilon_low=0.2, epsilon_high=0.28)
+register_objective("dr_grpo", ratio_level="token", shaping="clip", aggregation="seq_mean_token_sum_norm",
+                   epsilon_low=0.2, epsilon_high=0.2)
+register_objective("gspo", ratio_level="sequence", shaping="clip", aggregation="seq_mean",
+                   epsilon_low=3e-4, epsilon_high=4e-4)
+register_objective("gspo_token", ratio_level="sequence_token", shaping="clip", aggregation="seq_mean_token_mean",
+                   epsilon_low=3e-4, epsilon_high=4e-4)
+register_objective("cispo", ratio_level="token", shaping="cispo", aggregation="token_mean", epsilon_high=5.0)

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from sapo.objectives.axes import RATIO_LEVELS  # noqa: F401  (the level names, defined without torch)
 from sapo.objectives.masking import masked_finite
-
-RATIO_LEVELS = ("token", "sequence", "sequence_token")
 
 
 def token_log_ratio(logprobs: torch.Tensor, old_logprobs: torch.Tensor, clamp: float) -> torch.Tensor:

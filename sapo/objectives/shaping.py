@@ -2,14 +2,14 @@
 
 Every shaping function has the same signature, elementwise over any shape:
     shape(ratio, advantages, logprobs, spec) -> loss      (loss = -objective, float32)
-`ratio` is r (token), s_i (sequence) or s_{i,t} (sequence_token); `advantages` has the same shape;
-`logprobs` (float32, same shape as ratio for token level) is used by CISPO only.
-Adding a shaping is one function here plus one line in SHAPINGS.
+`ratio` is r (token), s_i (sequence) or s_{i,t} (sequence_token); `advantages` broadcasts against it;
+`logprobs` (float32, the ratio's shape) is given only to a shaping that declares it consumes "logprobs"
+(CISPO), else it is None. presets.py registers each one with what it consumes (registry.py); a new one is
+one function plus one `register_shaping` call, in the library or in user code.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -62,13 +62,3 @@ def cispo(ratio, advantages, logprobs, spec: LossSpec) -> torch.Tensor:
 def unshaped(ratio, advantages, logprobs, spec: LossSpec) -> torch.Tensor:
     """Plain importance-weighted policy gradient: -r A."""
     return ratio * -advantages
-
-
-ShapingFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, "LossSpec"], torch.Tensor]
-
-SHAPINGS: dict[str, ShapingFn] = {
-    "clip": clip,
-    "soft_gate": soft_gate,
-    "cispo": cispo,
-    "none": unshaped,
-}

@@ -17,7 +17,7 @@ from sapo import distributed
 from sapo.config import TrainConfig
 from sapo.models import routing as moe
 from sapo.models.forward import output_bias, output_weight
-from sapo.objectives import aggregation_weights, policy_loss, resolve
+from sapo.objectives import aggregation_weights, objective_options, policy_loss, resolve
 from sapo.objectives.presets import LossSpec
 from sapo.ops import fused_token_policy_loss
 from sapo.training.batch import RolloutTensors, completion_positions, merge_metrics
@@ -43,8 +43,8 @@ class UpdateSettings:
             options["epsilon_low"] = cfg.epsilon_low
         if cfg.epsilon_high >= 0:
             options["epsilon_high"] = cfg.epsilon_high
-        if cfg.loss_type == "dr_grpo":
-            options["max_completion_length"] = cfg.max_completion_length
+        # run values an objective declares it consumes (e.g. Dr.GRPO's max_completion_length)
+        options = objective_options(cfg.loss_type, options, max_completion_length=cfg.max_completion_length)
         return cls(cfg.loss_type, options, cfg.max_grad_norm, cfg.router_aux_loss_coef, cfg.tis_cap,
                    cfg.fused_loss_head)
 
@@ -61,8 +61,9 @@ def tis_weights(tis_cap: float, old_logp, sampler_logp, mask):
 
 
 def uses_fused_head(settings: UpdateSettings, spec: LossSpec, model) -> bool:
-    """The fused head applies to token-level objectives without KL and an lm_head without bias."""
-    return settings.fused_head and spec.token_level and spec.beta == 0 and output_bias(model) is None
+    """The fused head applies to objectives that declare themselves fusable (token-level, no KL) and an
+    lm_head without bias."""
+    return settings.fused_head and spec.fusable and output_bias(model) is None
 
 
 def _routing_context(model, old: BehaviourPass, micro, columns, aux: bool):
