@@ -65,7 +65,7 @@ class Profile:
 
 GPU = Profile(
     name="gpu", device="cuda", budget_s=285.0,
-    sections={"env": (30, 5), "correctness": (75, 20), "loss_head": (60, 20), "rollout": (60, 25),
+    sections={"env": (30, 2), "correctness": (75, 20), "loss_head": (60, 20), "rollout": (60, 25),
               "train": (120, 45), "rollout_compile": (120, 40)},
     triton_shape=(333, 200, 50_007),
     head_check_shape=(2048, 1024, 151_936),
@@ -89,7 +89,7 @@ GPU = Profile(
 
 SMOKE = Profile(
     name="smoke", device="cpu", budget_s=240.0,
-    sections={"env": (30, 5), "correctness": (90, 10), "loss_head": (40, 5), "rollout": (40, 5),
+    sections={"env": (30, 2), "correctness": (90, 10), "loss_head": (40, 5), "rollout": (40, 5),
               "train": (90, 10), "rollout_compile": (20, 1)},
     triton_shape=(37, 24, 100),
     head_check_shape=(64, 32, 500),

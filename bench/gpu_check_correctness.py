@@ -14,7 +14,6 @@ Numbers are recorded with every check (max errors, positions compared), so a fai
 from __future__ import annotations
 
 import torch
-
 from gpu_check_common import Profile, Recorder, Skip, build_causal_lm
 
 GAP_TOL = 1e-4  # top-2 logit gap below which greedy decoding may legitimately differ

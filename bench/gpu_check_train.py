@@ -26,7 +26,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-
 from gpu_check_common import Profile, Recorder, Skip, build_causal_lm, log
 
 QWEN_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
