@@ -26,18 +26,31 @@ def run(profile: Profile, rec: Recorder) -> None:
     triton_ok = _triton_available(device)
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 3e-2)):
         name = str(dtype).removeprefix("torch.")
-        if triton_ok is not True:
-            rec.check(f"triton token_logprobs {name}", None, reason=triton_ok)
-            rec.check(f"triton fused sapo loss {name}", None, reason=triton_ok)
-            continue
-        _check_token_logprobs(rec, profile, dtype, tol, name)
-        _check_fused_loss(rec, profile, dtype, tol, name, backend="triton", shape=profile.triton_shape,
-                          label=f"triton fused sapo loss {name}")
+        for label, check in ((f"triton token_logprobs {name}", _check_token_logprobs),
+                             (f"triton fused sapo loss {name}", _check_fused_loss)):
+            if triton_ok is not True:
+                rec.check(label, None, reason=triton_ok)
+            else:
+                _guarded(rec, label, check, rec, profile, dtype, tol, label, "triton", profile.triton_shape)
     # the head training uses (Triton on CUDA when it imports, else torch) at a realistic shape, bf16
-    _check_fused_loss(rec, profile, torch.bfloat16, 3e-2, "bfloat16", backend="auto", shape=profile.head_check_shape,
-                      label="fused head vs plain path bf16")
+    label = "fused head vs plain path bf16"
+    _guarded(rec, label, _check_fused_loss, rec, profile, torch.bfloat16, 3e-2, label, "auto", profile.head_check_shape)
     for kind, config in (("qwen3", profile.lean_dense), ("qwen3_moe", profile.lean_moe)):
-        _check_lean_decode(rec, profile, kind, config)
+        label = f"lean decode vs HF generate fp32 greedy {kind}"
+        _guarded(rec, label, _check_lean_decode, rec, profile, kind, config, label)
+
+
+def _guarded(rec: Recorder, label: str, check, *args) -> None:
+    """Run one check; an exception (out of memory included) fails that check only, the others still run."""
+    try:
+        check(*args)
+    except Skip as skip:
+        rec.check(label, None, reason=str(skip))
+    except Exception as err:  # noqa: BLE001 - recorded as this check's failure
+        rec.check(label, False, error=f"{type(err).__name__}: {err}"[:500])
+    finally:
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def _triton_available(device: str) -> bool | str:
@@ -78,13 +91,13 @@ def _plain64(hidden, weight, labels, temperature, bias):
     return log_probs.gather(1, labels[:, None]).squeeze(1), entropy, (h, w, b)
 
 
-def _check_token_logprobs(rec, profile, dtype, tol, name):
+def _check_token_logprobs(rec, profile, dtype, tol, label, backend, shape):
     from sapo.ops import token_logprobs
 
-    hidden, weight, labels, bias = _inputs(profile.triton_shape, dtype, profile.device)
+    hidden, weight, labels, bias = _inputs(shape, dtype, profile.device)
     h, w, b = (t.clone().requires_grad_(True) for t in (hidden, weight, bias))
     logp, entropy = token_logprobs(h, w, labels, temperature=0.7, with_entropy=True, bias=b, chunk_size=128,
-                                   backend="triton")
+                                   backend=backend)
     gen = torch.Generator().manual_seed(1)
     g_logp, g_ent = (torch.randn(labels.shape[0], generator=gen).to(profile.device) for _ in range(2))
     (logp * g_logp + entropy * g_ent).sum().backward()
@@ -99,12 +112,13 @@ def _check_token_logprobs(rec, profile, dtype, tol, name):
     # log-probs come from float32 logits of the (bf16) input values: tight for both dtypes
     passed = errors["logp_max_abs"] < 1e-3 and errors["entropy_max_abs"] < 1e-3 and max(
         errors["grad_hidden_rel"], errors["grad_weight_rel"], errors["grad_bias_rel"]) < tol
-    rec.check(f"triton token_logprobs {name}", passed, shape=list(profile.triton_shape), grad_tol=tol, **errors)
+    rec.check(label, passed, shape=list(shape), grad_tol=tol, **errors)
 
 
-def _check_fused_loss(rec, profile, dtype, tol, name, *, backend, shape, label):
+def _check_fused_loss(rec, profile, dtype, tol, label, backend, shape):
     from sapo.objectives import aggregation_weights, policy_loss, resolve
     from sapo.ops import fused_token_policy_loss
+    from sapo.ops.logprobs import select_kernels
 
     n, _, _ = shape
     rows = 8
@@ -135,19 +149,21 @@ def _check_fused_loss(rec, profile, dtype, tol, name, *, backend, shape, label):
         logp_max_abs=float((logp.double() - ref_logp.detach()).abs().max()),
         grad_hidden_rel=_rel_max_err(h.grad, h64.grad), grad_weight_rel=_rel_max_err(w.grad, w64.grad),
     )
-    passed = (errors["loss_rel"] < 1e-4 and errors["logp_max_abs"] < 1e-3
+    # a wrong kernel is off by O(1); float32 sums over d = 1024 by ~1e-5
+    passed = (errors["loss_rel"] < 1e-3 and errors["logp_max_abs"] < 1e-3
               and max(errors["grad_hidden_rel"], errors["grad_weight_rel"]) < tol)
-    kernels = "triton" if backend == "triton" or (backend == "auto" and profile.device == "cuda") else "torch"
+    kernels = select_kernels(torch.device(profile.device), backend).name
     rec.check(label, passed, shape=list(shape), kernels=kernels, grad_tol=tol, **errors)
 
 
-def _check_lean_decode(rec, profile, kind, config):
+def _check_lean_decode(rec, profile, kind, config, label):
     from sapo.rollout import TorchEngine
     from sapo.rollout.base import left_pad
 
-    label = f"lean decode vs HF generate fp32 greedy {kind}"
-    if kind == "qwen3_moe" and profile.device == "cpu":
-        config = dict(config, experts_implementation="grouped_mm")  # eager experts are slow on CPU
+    if kind == "qwen3_moe":
+        # the reference: HF's eager expert loop on CUDA (its grouped_mm default is a bf16 kernel there, and
+        # generate swaps in batched_mm for decoding); grouped_mm on CPU, where eager is slow
+        config = dict(config, experts_implementation="grouped_mm" if profile.device == "cpu" else "eager")
     try:
         model = build_causal_lm(kind, config, torch.float32, profile.device, seed=5)
     except TypeError as err:  # a config key this transformers does not know
