@@ -174,12 +174,11 @@ def _check_lean_decode(rec, profile, kind, config, label):
     prompts = [torch.randint(1, vocab, (n,), generator=gen).tolist() for n in lengths]
     eos = vocab - 1
     input_ids, attention_mask = left_pad(prompts, 0)  # [B, P]
-    with torch.inference_mode():
-        out = model.generate(
-            input_ids.to(profile.device), attention_mask=attention_mask.to(profile.device), do_sample=False,
-            num_beams=1, max_new_tokens=profile.lean_new_tokens, eos_token_id=eos, pad_token_id=0,
-            output_logits=True, return_dict_in_generate=True,
-        )
+    out = model.generate(  # under generate's own no_grad
+        input_ids.to(profile.device), attention_mask=attention_mask.to(profile.device), do_sample=False,
+        num_beams=1, max_new_tokens=profile.lean_new_tokens, eos_token_id=eos, pad_token_id=0,
+        output_logits=True, return_dict_in_generate=True,
+    )
     hf_tokens = out.sequences[:, input_ids.shape[1]:].tolist()  # [B, N'] (N' < N when every row stopped)
     top2 = torch.stack(out.logits, 1).float().topk(2, dim=-1).values  # [B, N', 2]
     gaps = (top2[..., 0] - top2[..., 1]).tolist()  # [B, N']

@@ -164,11 +164,11 @@ def _hf_generate(model, prompts, eos, new_tokens, seed, **options) -> int:
     device = next(model.parameters()).device
     input_ids, attention_mask = left_pad(prompts, 0)  # [B, P]
     torch.manual_seed(seed)
-    with torch.inference_mode():
-        sequences = model.generate(
-            input_ids.to(device), attention_mask=attention_mask.to(device), do_sample=True, temperature=1.0,
-            top_k=0, top_p=1.0, num_beams=1, max_new_tokens=new_tokens, eos_token_id=eos, pad_token_id=0, **options,
-        )
+    # generate runs under its own no_grad, as in HF's static cache + compile recipe (CUDA graphs included)
+    sequences = model.generate(
+        input_ids.to(device), attention_mask=attention_mask.to(device), do_sample=True, temperature=1.0,
+        top_k=0, top_p=1.0, num_beams=1, max_new_tokens=new_tokens, eos_token_id=eos, pad_token_id=0, **options,
+    )
     new = sequences[:, input_ids.shape[1]:].tolist()  # [B, N]
     return sum(next((t + 1 for t, token in enumerate(row) if token == eos), len(row)) for row in new)
 
