@@ -199,6 +199,7 @@ def _check_lean_decode(rec, profile, kind, config, label):
             diverge = next((t for t, (a, b) in enumerate(zip(want, got)) if a != b), min(len(want), len(got)))
             mismatches.append(dict(row=row, position=diverge, gap=gap_row[diverge] if diverge < len(gap_row) else None))
     total = sum(len(r) for r in lean.completion_ids)
-    rec.check(label, engine.last_path == "lean" and not mismatches, path=engine.last_path,
+    # near-ties are rare on a random model; most tokens must be compared or the check proves nothing
+    rec.check(label, engine.last_path == "lean" and not mismatches and compared >= total / 2, path=engine.last_path,
               tokens_compared=compared, tokens_total=total, rows_with_near_tie=tied_rows,
               mismatched_rows=len(mismatches), first_mismatches=mismatches[:3])
