@@ -221,8 +221,13 @@ def main() -> int:
     report = {"profile": profile.name, "budget_s": budget, "start_method": start_method, "wall_s": round(time.monotonic() - _STARTED, 1),
               "sections": sections, "goals": goals(sections, profile)}
     (out / "gpu_check.json").write_text(json.dumps(report, indent=1, default=str))
-    write_markdown(out / "gpu_check.md", report)
-    print(summary_table(report), flush=True)
+    try:  # the JSON above holds every number even if a summary cannot be formatted
+        write_markdown(out / "gpu_check.md", report)
+        print(summary_table(report), flush=True)
+    except Exception:  # noqa: BLE001
+        traceback.print_exc()
+        print("gpu_check: the summary failed; the numbers are in gpu_check.json", flush=True)
+        return 1
     bad = [name for name, data in sections.items() if data["status"] in ("failed", "error", "timeout", "crashed")]
     return 1 if bad else 0
 

@@ -101,15 +101,17 @@ def _rollout_line(sections: dict) -> str | None:
     return "  tokens/s: " + " | ".join(parts) + (f" (compile call {first:.0f} s)" if first else "")
 
 
+def _fmt(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
 def _train_line(sections: dict) -> str | None:
     t = _get(sections, "train", "result", "train")
     if not t:
         return None
-    mfu = t.get("mfu")
-    return (f"  {t['steps']} steps ({t['steps_timed']} timed), step {t['step_s_median']:.2f} s, rollout "
-            f"{t['rollout_s_median']:.2f} s; update {t.get('update_tokens_per_s', 0):,.0f} tokens/s, "
-            f"{t.get('update_tflops', 0):.0f} TFLOP/s, MFU " + (f"{mfu:.1%}" if mfu is not None else "-")
-            + f" ({t['card']})")
+    return (f"  {t.get('steps')} steps ({t.get('steps_timed')} timed), step {_fmt(t.get('step_s_median'), '.2f')} s, "
+            f"rollout {_fmt(t.get('rollout_s_median'), '.2f')} s; update {_fmt(t.get('update_tokens_per_s'), ',.0f')} "
+            f"tokens/s, {_fmt(t.get('update_tflops'), '.3g')} TFLOP/s, MFU {_fmt(t.get('mfu'), '.1%')} ({t.get('card')})")
 
 
 def summary_table(report: dict) -> str:

@@ -30,13 +30,13 @@ from gpu_check_common import Profile, Recorder, Skip, build_causal_lm, log, sync
 
 
 def _head_inputs(n, d, vocab, seq_len, dtype, device):
-    gen = torch.Generator().manual_seed(0)
+    gen = torch.Generator(device=device).manual_seed(0)  # drawn on the device: 600M values take seconds on a CPU
     rows = n // seq_len
-    hidden = torch.randn(n, d, generator=gen).to(device, dtype).requires_grad_(True)  # [N, d]
-    weight = (torch.randn(vocab, d, generator=gen) / d**0.5).to(device, dtype).requires_grad_(True)  # [V, d]
-    labels = torch.randint(0, vocab, (n,), generator=gen).to(device)  # [N]
-    old = (-12.0 + torch.randn(rows, seq_len, generator=gen)).to(device)  # [B, T] near log(1/V): ratios ~ 1
-    advantages = torch.randn(rows, generator=gen).to(device)  # [B]
+    hidden = torch.randn(n, d, generator=gen, device=device).to(dtype).requires_grad_(True)  # [N, d]
+    weight = (torch.randn(vocab, d, generator=gen, device=device) / d**0.5).to(dtype).requires_grad_(True)  # [V, d]
+    labels = torch.randint(0, vocab, (n,), generator=gen, device=device)  # [N]
+    old = -12.0 + torch.randn(rows, seq_len, generator=gen, device=device)  # [B, T] near log(1/V): ratios ~ 1
+    advantages = torch.randn(rows, generator=gen, device=device)  # [B]
     mask = torch.ones(rows, seq_len, dtype=torch.bool, device=device)  # [B, T]
     return hidden, weight, labels, old, advantages, mask
 
