@@ -38,7 +38,8 @@ def goals(sections: dict, profile) -> list[dict]:
          lambda v: v >= 3.0, "{:.2f}x"),
         ("rollout ahead of HF generate static cache + compile", ours / compiled if ours and compiled else None,
          lambda v: v > 1.0, "{:.2f}x"),
-        ("update >= 35 % MFU", _get(sections, "train", "result", "train", "mfu"), lambda v: v >= 0.35, "{:.1%}"),
+        ("update >= 35 % MFU", _get(sections, "train", "result", "train", "mfu")
+         or _get(sections, "train", "result", "updates", "mfu"), lambda v: v >= 0.35, "{:.1%}"),
     ]
     out = []
     for goal, value, test, fmt in rows:
@@ -107,8 +108,12 @@ def _fmt(value, spec: str) -> str:
 
 def _train_line(sections: dict) -> str | None:
     t = _get(sections, "train", "result", "train")
-    if not t:
-        return None
+    if not t:  # stopped before the end: the updates it finished
+        u = _get(sections, "train", "result", "updates")
+        if not u or "calls" not in u:
+            return None
+        return (f"  stopped after {u['calls']} updates; {_fmt(u.get('tokens_per_s'), ',.0f')} tokens/s, "
+                f"{_fmt(u.get('tflops'), '.3g')} TFLOP/s, MFU {_fmt(u.get('mfu'), '.1%')}")
     return (f"  {t.get('steps')} steps ({t.get('steps_timed')} timed), step {_fmt(t.get('step_s_median'), '.2f')} s, "
             f"rollout {_fmt(t.get('rollout_s_median'), '.2f')} s; update {_fmt(t.get('update_tokens_per_s'), ',.0f')} "
             f"tokens/s, {_fmt(t.get('update_tflops'), '.3g')} TFLOP/s, MFU {_fmt(t.get('mfu'), '.1%')} ({t.get('card')})")

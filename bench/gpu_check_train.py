@@ -6,13 +6,14 @@ The model folder (random bf16 weights, save_pretrained) holds the real Qwen toke
 `train(build_config(None, overrides))` runs builtin:arith for `max_steps` steps with dtype=bfloat16 (bf16
 autocast is on by default on CUDA) and reads metrics.jsonl.
 
-MFU of the update (steps 2.. : step 1 compiles kernels): model FLOPs / time/update / the card's dense bf16
-peak. Model FLOPs = 6 x (non-embedding parameters x all real tokens of the updated rows + V x d x completion
-tokens): forward + backward (x3 of the forward's 2 per multiply-add) of every weight matmul over the tokens
-that pass through it; the lm_head runs on completion positions only (the fused head), and the embedding is
-a lookup. Attention score FLOPs (QK^T, PV) are not counted (about 2% of the total at ~170-token rows).
-Padding positions are computed but not counted. Tokens are counted by wrapping PolicyHandle.update at
-run time (the library is not modified).
+MFU of the update (steps 2.. : step 1 compiles kernels): model FLOPs / update seconds / the card's dense
+bf16 peak. Each PolicyHandle.update call is timed (synchronised) by a wrapper installed at run time, which
+also counts its tokens and writes the totals after every call, so a section stopped at its timeout still
+reports the updates it finished (the library is not modified). Model FLOPs = 6 x (non-embedding
+parameters x real tokens of the updated rows + V x d x completion tokens): forward + backward of every
+weight matmul over the tokens that pass through it; the lm_head runs on completion positions only (the
+fused head), and the embedding is a lookup. Not counted: attention scores (QK^T, PV; under 1 % here at
+~170-token rows) and padding positions (computed, not useful work).
 
 Checkpoints and final_model/ writes are turned into no-ops for this section (a 1.7B model with its AdamW
 state is ~10 GB per write): the check times compute, not the disk.
@@ -23,10 +24,11 @@ from __future__ import annotations
 import importlib.util
 import json
 import tempfile
+import time
 from pathlib import Path
 
 import torch
-from gpu_check_common import Profile, Recorder, Skip, build_causal_lm, log
+from gpu_check_common import Profile, Recorder, Skip, build_causal_lm, log, sync
 
 QWEN_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
                 r"""|\s*[\r\n]+|\s+(?!\S)|\s+""")
@@ -67,6 +69,56 @@ def card_peak(device: str) -> tuple[str, float | None]:
     return name, next((peak for key, peak in PEAKS if key in name), None)
 
 
+class UpdateMeter:
+    """Wraps PolicyHandle.update at run time: per call its real tokens, completion tokens and synchronised
+    seconds, written to the recorder after every call (a section killed at its timeout keeps them)."""
+
+    def __init__(self, rec: Recorder, device: str, skip_calls: int, flops_per_token: tuple[int, int], peak):
+        self.rec, self.device, self.skip_calls = rec, device, skip_calls
+        self.backbone_flops, self.head_flops = flops_per_token  # per real token, per completion token
+        self.peak = peak
+        self.calls: list[dict] = []
+
+    def install(self) -> bool:
+        try:
+            from sapo.training.policy import PolicyHandle
+        except ImportError:
+            return False
+        original, meter = PolicyHandle.update, self
+
+        def update(handle, optimizer, tensors, rows, *args, **kwargs):
+            try:
+                counts = (int(tensors.attention_mask[rows].sum()), int(tensors.completion_mask[rows].sum()))
+            except (AttributeError, IndexError, TypeError):  # the packed batch changed shape: no MFU
+                counts = None
+            sync(meter.device)
+            start = time.perf_counter()
+            out = original(handle, optimizer, tensors, rows, *args, **kwargs)
+            sync(meter.device)
+            meter.record(counts, time.perf_counter() - start)
+            return out
+
+        PolicyHandle.update = update
+        return True
+
+    def record(self, counts, seconds: float) -> None:
+        self.calls.append({"tokens": None if counts is None else counts[0],
+                           "completion_tokens": None if counts is None else counts[1], "seconds": seconds})
+        self.rec.put("updates", self.summary())
+
+    def summary(self) -> dict:
+        """Totals over the calls after the first step's (those compile kernels); MFU when the card is known."""
+        timed = self.calls[self.skip_calls:] or self.calls
+        out = {"calls": len(self.calls), "calls_timed": len(timed), "seconds": sum(c["seconds"] for c in timed)}
+        if timed and all(c["tokens"] is not None for c in timed) and out["seconds"] > 0:
+            tokens = sum(c["tokens"] for c in timed)
+            completion = sum(c["completion_tokens"] for c in timed)
+            flops = self.backbone_flops * tokens + self.head_flops * completion
+            out.update(tokens=tokens, completion_tokens=completion, tokens_per_s=tokens / out["seconds"],
+                       tflops=flops / out["seconds"] / 1e12, mfu=flops / out["seconds"] / self.peak if self.peak else None)
+        return out
+
+
 def run(profile: Profile, rec: Recorder) -> None:
     tokenizer = qwen_tokenizer()
     rec.put("tokenizer", {"vocab": len(tokenizer), "eos": tokenizer.eos_token_id, "pad": tokenizer.pad_token_id})
@@ -74,88 +126,58 @@ def run(profile: Profile, rec: Recorder) -> None:
     from sapo.config import build_config
     from sapo.train import train
 
-    counts = _count_update_tokens()
     _no_checkpoint_writes(train_module)
+    card, peak = card_peak(profile.device)
+    overrides = dict(
+        dataset="builtin:arith", loss_type="sapo", dtype="bfloat16", eval_steps=0, eval_num_problems=8, save_steps=0,
+        progress=False, report=False, tensorboard=False, log_samples=0, seed=0, lr=1e-6, warmup_steps=0,
+    )
+    overrides.update(profile.train_overrides)
     with tempfile.TemporaryDirectory(prefix="sapo-gpu-check-") as tmp:
         folder = Path(tmp) / "model"
         model = build_causal_lm("qwen3", profile.train_model, torch.bfloat16, profile.device, seed=0)
         model.config.eos_token_id, model.config.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
         model.generation_config.eos_token_id = tokenizer.eos_token_id
-        params = sum(p.numel() for p in model.parameters())  # tied lm_head counted once
-        embedding = model.get_input_embeddings().weight.numel()
-        d, vocab = model.config.hidden_size, model.config.vocab_size
+        params = sum(p.numel() for p in model.parameters())  # the tied lm_head counted once
+        embedding = model.get_input_embeddings().weight.numel()  # V x d
         model.save_pretrained(folder)
         tokenizer.save_pretrained(folder)
         del model
         if profile.device == "cuda":
             torch.cuda.empty_cache()
         rec.put("model", {"params_b": params / 1e9, "non_embedding_params_b": (params - embedding) / 1e9,
-                          "hidden": d, "vocab": vocab, "layers": profile.train_model["num_hidden_layers"]})
+                          "layers": profile.train_model["num_hidden_layers"], "card": card,
+                          "peak_tflops": peak and peak / 1e12})
+        # forward + backward: 6 FLOPs per weight per token; the lm_head (V x d) on completion tokens only
+        meter = UpdateMeter(rec, profile.device, skip_calls=overrides["num_minibatches"],
+                            flops_per_token=(6 * (params - embedding), 6 * embedding), peak=peak)
+        if not meter.install():
+            rec.put("updates", {"note": "PolicyHandle.update not found: no token counts, no MFU"})
         log(f"train: model folder written ({params / 1e9:.2f}B params); starting sapo train")
-        overrides = dict(
-            model=str(folder), dataset="builtin:arith", loss_type="sapo", dtype="bfloat16", eval_steps=0,
-            eval_num_problems=8, save_steps=0, progress=False, report=False, tensorboard=False, log_samples=0,
-            output_dir=str(Path(tmp) / "run"), seed=0, lr=1e-6, warmup_steps=0,
-        )
-        overrides.update(profile.train_overrides)
-        cfg = build_config(None, overrides)
+        cfg = build_config(None, dict(overrides, model=str(folder), output_dir=str(Path(tmp) / "run")))
         rec.put("config", {k: overrides[k] for k in ("max_steps", "prompts_per_step", "num_generations",
                                                      "max_completion_length", "num_minibatches", "dtype")})
         train(cfg)
         rows = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if r.get("step", 0) >= 1 and "time/update" in r]
-    per_step = _per_step_tokens(counts, cfg.num_minibatches, len(steps))
-    timed = [(r, t) for r, t in zip(steps, per_step) if r["step"] >= 2] or list(zip(steps, per_step))
-    update_s = sum(r["time/update"] for r, _ in timed)
-    all_tokens = sum(t[0] for _, t in timed) if all(t is not None for _, t in timed) else None
-    completion_tokens = sum(t[1] for _, t in timed) if all_tokens is not None else None
-    card, peak = card_peak(profile.device)
+    timed = [r for r in steps if r["step"] >= 2] or steps
+    updates = meter.summary()
     result = {
         "steps": len(steps), "steps_timed": len(timed), "card": card, "peak_tflops": peak and peak / 1e12,
-        "step_s_median": _median([r["time/step"] for r, _ in timed]),
-        "rollout_s_median": _median([r["time/rollout"] for r, _ in timed]),
-        "old_logprobs_s_median": _median([r["time/old_logprobs"] for r, _ in timed]),
-        "update_s_total": update_s,
-        "rollout_tokens_per_s_median": _median([r["tokens/completion_per_s"] for r, _ in timed]),
-        "completion_length_mean": _median([r["completion/length_mean"] for r, _ in timed]),
+        "step_s_median": _median([r["time/step"] for r in timed]),
+        "rollout_s_median": _median([r["time/rollout"] for r in timed]),
+        "old_logprobs_s_median": _median([r["time/old_logprobs"] for r in timed]),
+        "update_s_median": _median([r["time/update"] for r in timed]),
+        "rollout_tokens_per_s_median": _median([r["tokens/completion_per_s"] for r in timed]),
+        "completion_length_mean": _median([r["completion/length_mean"] for r in timed]),
         "loss_finite": all(r.get("nonfinite/skipped_total", 0) == 0 for r in steps),
+        "update_tokens": updates.get("tokens"), "update_completion_tokens": updates.get("completion_tokens"),
+        "update_tokens_per_s": updates.get("tokens_per_s"), "update_tflops": updates.get("tflops"),
+        "mfu": updates.get("mfu"),
     }
-    if all_tokens is not None and update_s > 0:
-        flops = 6 * ((params - embedding) * all_tokens + vocab * d * completion_tokens)
-        result.update(update_tokens=all_tokens, update_completion_tokens=completion_tokens,
-                      update_tokens_per_s=all_tokens / update_s, update_tflops=flops / update_s / 1e12,
-                      mfu=flops / update_s / peak if peak else None)
-    else:
-        result["mfu_note"] = "token counts unavailable (PolicyHandle.update could not be wrapped)"
     rec.put("train", result)
     rec.check("sapo train ran every step with finite losses", len(steps) == cfg.max_steps and result["loss_finite"],
               steps=len(steps))
-
-
-def _count_update_tokens() -> list:
-    """Wrap PolicyHandle.update to record (real tokens, completion tokens) of each call's rows."""
-    counts: list = []
-    try:
-        from sapo.training.policy import PolicyHandle
-    except ImportError:
-        return counts
-    original = PolicyHandle.update
-
-    def counting(self, optimizer, tensors, rows, *args, **kwargs):
-        try:
-            counts.append((int(tensors.attention_mask[rows].sum()), int(tensors.completion_mask[rows].sum())))
-        except (AttributeError, IndexError, TypeError):
-            counts.append(None)
-        return original(self, optimizer, tensors, rows, *args, **kwargs)
-
-    PolicyHandle.update = counting
-    return counts
-
-
-def _per_step_tokens(counts: list, updates_per_step: int, steps: int) -> list:
-    if len(counts) != updates_per_step * steps or any(c is None for c in counts):
-        return [None] * steps
-    return [tuple(map(sum, zip(*counts[i * updates_per_step:(i + 1) * updates_per_step]))) for i in range(steps)]
 
 
 def _no_checkpoint_writes(train_module) -> None:
