@@ -154,6 +154,8 @@ def run_section(name: str, profile: Profile, timeout: float, workdir: Path, star
         os.killpg(process.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+    if process.is_alive():  # not yet in its own group
+        process.kill()
     process.join(10)
     seconds = time.monotonic() - start
     data = json.loads(path.read_text()) if path.exists() else {"checks": {}, "result": {}}
