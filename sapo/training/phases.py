@@ -27,7 +27,7 @@ from sapo.training.batch import (
 )
 from sapo.training.behaviour import BehaviourPass, behaviour_pass
 from sapo.training.policy import Policy
-from sapo.training.staleness import WeightHistory
+from sapo.training.staleness import RolloutRequest, WeightHistory
 from sapo.training.tasks import PromptItem, TaskData
 from sapo.training.teacher_forcing import TeacherForcing
 from sapo.training.update import UpdateSettings, policy_update
@@ -46,16 +46,32 @@ class Rollout:
         return [v for v in values for _ in range(group_size)]
 
 
-def collect(engine: RolloutEngine, policy: Policy, task: TaskData, prompt_indices: list[int], *,
-            num_generations: int, sampling: SamplingParams) -> Rollout:
+def step_prompts(task: TaskData, prompt_indices: list[int], num_generations: int):
+    """The step's prompts repeated G times: (examples [P], prompt_ids [P * G], row_extra [P * G] or [])."""
     examples = [task.train[i] for i in prompt_indices]
     prompt_ids = [e.prompt_ids for e in examples for _ in range(num_generations)]
     row_extra = [e.extra or {} for e in examples for _ in range(num_generations)]
-    row_extra = row_extra if any(row_extra) else []
+    return examples, prompt_ids, row_extra if any(row_extra) else []
+
+
+def collect(engine: RolloutEngine, policy: Policy, task: TaskData, prompt_indices: list[int], *,
+            num_generations: int, sampling: SamplingParams) -> Rollout:
+    examples, prompt_ids, row_extra = step_prompts(task, prompt_indices, num_generations)
     t0 = time.perf_counter()
     with distributed.gathered(policy.model):  # FSDP: full layers, so ranks decode different lengths freely
         batch = engine.generate(prompt_ids, sampling, extra_inputs=row_extra or None)
     return Rollout(examples, batch, row_extra, time.perf_counter() - t0)
+
+
+def collect_lagged(source, request: RolloutRequest, task: TaskData, prompt_indices: list[int],
+                   num_generations: int) -> tuple[Rollout, dict[str, float]]:
+    """max_staleness > 0: the step's batch from the lagging sampler (sampled now, or ahead of time in
+    another process), with its async/* timings."""
+    examples, prompt_ids, row_extra = step_prompts(task, prompt_indices, num_generations)
+    if prompt_ids != request.prompt_ids:
+        raise RuntimeError(f"step {request.step}: the sampler was asked for other prompts than the step draws")
+    sampled = source.get(request)
+    return Rollout(examples, sampled.batch, row_extra, sampled.seconds), sampled.metrics
 
 
 @dataclass
