@@ -22,6 +22,7 @@ from sapo.models.tiny import DEFAULT_EXPERTS_IMPLEMENTATION, build_tiny_model
 _ATTENTION: dict[str, Any] = dict(
     hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8,
     max_position_embeddings=512, tie_word_embeddings=True, rms_norm_eps=1e-6,
+    pad_token_id=0, bos_token_id=1, eos_token_id=2,  # sapo.models.char_tokenizer's special ids
 )
 # the HF defaults would add a load-balancing loss, and generate() crashes on output_router_logits in some 5.x
 _NO_AUX = dict(router_aux_loss_coef=0.0, output_router_logits=False)
@@ -47,14 +48,15 @@ _FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
         intermediate_size=64, moe_intermediate_size=32, n_routed_experts=8, n_group=2, topk_group=1,
         num_experts_per_tok=2, n_shared_experts=1, routed_scaling_factor=2.5, norm_topk_prob=True,
         first_k_dense_replace=0, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4, qk_nope_head_dim=4,
-        v_head_dim=8, head_dim=4, rope_interleave=True)),
+        v_head_dim=8, head_dim=4, rope_interleave=True, num_key_value_heads=4)),  # MLA: K/V per head
     "glm4_moe": ("Glm4MoeConfig", dict(
         intermediate_size=64, moe_intermediate_size=32, n_routed_experts=8, n_group=2, topk_group=1,
         num_experts_per_tok=2, n_shared_experts=1, routed_scaling_factor=1.5, norm_topk_prob=True,
         first_k_dense_replace=0, partial_rotary_factor=0.5, use_qk_norm=True)),
     "gpt_oss": ("GptOssConfig", dict(
         intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, sliding_window=8,
-        layer_types=["sliding_attention", "full_attention"], **_NO_AUX)),
+        layer_types=["sliding_attention", "full_attention"], rope_parameters={"rope_type": "default", "rope_theta": 1e4},
+        **_NO_AUX)),
 }
 FAMILIES = ("qwen3_moe", "qwen3_vl_moe", *_FAMILIES)
 
