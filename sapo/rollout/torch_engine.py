@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
-from sapo.models.routing import moe_layers, pad_routing, record_routing
+from sapo.models.routing import is_moe, pad_routing, record_routing, require_routing
 from sapo.rollout.base import RolloutBatch, check_generate_args, collate_extra_inputs, left_pad
 from sapo.rollout.lean_qwen3 import LeanQwen3, lean_unsupported
 from sapo.rollout.sampling import sample_tokens
@@ -143,8 +143,10 @@ class TorchEngine:
                  record_experts: bool = False):
         if cache not in ("static", "dynamic"):
             raise ValueError(f"cache must be 'static' or 'dynamic', got {cache!r}")
-        if record_experts and not moe_layers(model):
+        if record_experts and not is_moe(model):
             raise ValueError(f"record_experts=True needs an MoE model; {type(model).__name__} has no top-k router")
+        if record_experts:  # an MoE router sapo cannot replay: say so now, not after the first rollout
+            require_routing(model, "record_experts=True (R3 routing replay)", replay=True)
         self.model = model
         self.record_experts = record_experts
         self.last_routing: torch.Tensor | None = None

@@ -50,6 +50,8 @@ class PolicyHandle:
         self.pad_token_id = pad_token_id
         self.lora = lora
         self.is_moe = moe.is_moe(model)
+        # routing diagnostics only where sapo knows the router family (sapo.models.moe_families)
+        self.routing_recordable = self.is_moe and moe.routing_unavailable(model) is None
         self.device = next(model.parameters()).device
 
     # -- text ---------------------------------------------------------------------------------
@@ -113,7 +115,7 @@ class PolicyHandle:
     @torch.no_grad()
     def behaviour_pass(self, tensors, cfg: TrainConfig, *, need_old: bool) -> BehaviourPass:
         """Old log-probs (and the experts they used, for MoE) before any update of this step."""
-        record = self.is_moe and (need_old or cfg.routing_replay != "none")
+        record = self.routing_recordable and (need_old or cfg.routing_replay != "none")
         if not (need_old or record):
             return BehaviourPass(None)
         if cfg.old_logprobs == "sampler":
@@ -216,6 +218,7 @@ class PolicyHandle:
         spec = resolve(cfg.loss_type, **loss_options)
         metrics_rows, losses, finite = [], [], True
         routing_changed: list[float] = []
+        replay_mismatch: list[float] = []  # share of replayed tokens whose experts were not the forced ones
         aux_coef = cfg.router_aux_loss_coef if self.is_moe else 0.0
         aux_values: list[float] = []
         for micro, part, left in self._micro_batches(tensors, rows, cfg):
@@ -281,6 +284,9 @@ class PolicyHandle:
             if old_routing is not None:
                 frac, _ = moe.routing_changed_fraction(old_routing, record.experts, completion_positions(part))
                 routing_changed.append(frac)
+            if replay is not None:
+                replay_mismatch.append(
+                    moe.replay_mismatch_fraction(replay, record.used_experts, completion_positions(part)))
             metrics_rows.append(metrics)
         grad_norm = float("nan")
         finite = distributed.all_true(finite)  # one rank's non-finite loss skips the update everywhere
@@ -300,6 +306,8 @@ class PolicyHandle:
         out["grad_norm"] = grad_norm
         if routing_changed:
             out["moe/routing_changed"] = sum(routing_changed) / len(routing_changed)
+        if replay_mismatch:
+            out["moe/replay_mismatch"] = sum(replay_mismatch) / len(replay_mismatch)
         if aux_values:
             out["moe/aux_loss"] = sum(aux_values) / len(aux_values)
         return out
@@ -353,6 +361,10 @@ def load_policy(cfg: TrainConfig) -> PolicyHandle:
     if cfg.routing_replay != "none" and not moe.is_moe(model):
         raise ConfigError(f"routing_replay={cfg.routing_replay} needs a Mixture-of-Experts model; "
                           f"{type(model).__name__} has no top-k router (use routing_replay=none)")
+    for feature, wanted, replay in ((f"routing_replay={cfg.routing_replay}", cfg.routing_replay != "none", True),
+                                    ("router_aux_loss_coef > 0", cfg.router_aux_loss_coef > 0 and moe.is_moe(model), False)):
+        if wanted and (reason := moe.routing_unavailable(model, replay=replay)):
+            raise ConfigError(f"{feature} is not available for this model: {reason}")
     if cfg.lora_rank:
         from sapo.models.lora import apply_lora
 

@@ -226,3 +226,36 @@ def test_config_with_experts_but_no_router_is_moe_and_says_so():
     assert is_moe(model) and moe_layers(model) == []
     with pytest.raises(NotImplementedError, match="declares experts in its config"), record_routing(model):
         pass
+
+
+def _fed_positions(batch, width):
+    """[B, width] True where a token was fed to the model (real prompt tokens, completion tokens but the
+    last), in the left-padded columns of RolloutBatch.to_padded."""
+    prompt_len = max(len(p) for p in batch.prompt_ids)
+    fed = torch.zeros(len(batch), width, dtype=torch.bool)
+    for i, (prompt, completion) in enumerate(zip(batch.prompt_ids, batch.completion_ids)):
+        fed[i, prompt_len - len(prompt) : prompt_len + len(completion) - 1] = True
+    return fed
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f not in ("qwen3_moe", "qwen3_vl_moe")])
+def test_r3_record_on_the_hf_generation_path_matches_a_teacher_forced_forward(family):
+    """The torch engine's lean forward is Qwen3-only: the other families fall back to the HF forward,
+    where record_routing hooks record the experts of prefill and every decode step."""
+    from sapo.rollout.lean_qwen3 import lean_unsupported
+    from sapo.rollout.torch_engine import TorchEngine
+
+    model = _model(family)
+    assert lean_unsupported(model) is not None
+    prompts = [[5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16]]
+    engine = TorchEngine(model, record_experts=True)
+    out = engine.generate(prompts, max_new_tokens=4, eos_token_ids=[2], pad_token_id=0, greedy=True)
+    assert engine.last_path == "hf"
+    width = 5 + 4 - 1
+    assert engine.last_routing.shape == (2, 3, width, 2)
+    fed = _fed_positions(out, width)
+    packed = out.to_padded(pad_id=0)
+    with torch.no_grad(), record_routing(model) as full:
+        model(input_ids=packed["input_ids"], attention_mask=packed["attention_mask"],
+              position_ids=packed["position_ids"])
+    assert torch.equal(full.experts[:, :, :width][:, fed], engine.last_routing[:, fed])
