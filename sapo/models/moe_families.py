@@ -100,13 +100,19 @@ FAMILIES: tuple[MoeFamily, ...] = (
     MoeFamily("DeepSeek-V3", ("DeepseekV3TopkRouter",), SigmoidGroupTopK()),
     MoeFamily("GLM-4-MoE", ("Glm4MoeTopkRouter",), SigmoidGroupTopK()),
     MoeFamily("gpt-oss", ("GptOssTopKRouter",), TopKSoftmax()),
+    # routers identical to one above in transformers 5.24, each tested on its own tiny model
+    MoeFamily("FlexOlmo", ("FlexOlmoTopKRouter",), SoftmaxTopK()),
+    MoeFamily("MiniMax", ("MiniMaxTopKRouter",), SoftmaxTopK(renormalise=True, keep_float32=True)),
+    MoeFamily("dots.llm1", ("Dots1TopkRouter",), SigmoidGroupTopK()),
+    MoeFamily("GLM-4-MoE-Lite", ("Glm4MoeLiteTopkRouter",), SigmoidGroupTopK()),
 )
 _BY_ROUTER = {router: family for family in FAMILIES for router in family.routers}
 
 
 def family_of(router: nn.Module) -> MoeFamily | None:
-    """The registered family of a router module, None for an unknown router kind."""
-    return _BY_ROUTER.get(type(router).__name__)
+    """The registered family of a router module, None for an unknown router kind. A subclass of a
+    registered router (e.g. torch's parametrization wrapper, when LoRA targets the router) counts."""
+    return next((_BY_ROUTER[c.__name__] for c in type(router).__mro__ if c.__name__ in _BY_ROUTER), None)
 
 
 def is_router_like(name: str, module: nn.Module) -> bool:
@@ -114,7 +120,7 @@ def is_router_like(name: str, module: nn.Module) -> bool:
     a non-Linear `mlp.gate` (unknown kinds still mark the model as MoE; they only cannot be replayed)."""
     class_name = type(module).__name__
     return (
-        class_name in _BY_ROUTER
+        family_of(module) is not None
         or class_name.endswith("Router")
         or (name.endswith("mlp.gate") and not isinstance(module, nn.Linear))
     )

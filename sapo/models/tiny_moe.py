@@ -57,6 +57,20 @@ _FAMILIES: dict[str, tuple[str, dict[str, Any]]] = {
         intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, sliding_window=8,
         layer_types=["sliding_attention", "full_attention"], rope_parameters={"rope_type": "default", "rope_theta": 1e4},
         **_NO_AUX)),
+    "flex_olmo": ("FlexOlmoConfig", dict(
+        intermediate_size=32, num_experts=4, num_experts_per_tok=2, norm_topk_prob=True, **_NO_AUX)),
+    "minimax": ("MiniMaxConfig", dict(
+        intermediate_size=32, num_local_experts=4, num_experts_per_tok=2, block_size=4,
+        layer_types=["linear_attention", "full_attention"], **_NO_AUX)),
+    "dots1": ("Dots1Config", dict(
+        intermediate_size=64, moe_intermediate_size=32, n_routed_experts=8, n_group=2, topk_group=1,
+        num_experts_per_tok=2, n_shared_experts=1, routed_scaling_factor=2.0, norm_topk_prob=False,
+        first_k_dense_replace=0, layer_types=["full_attention", "full_attention"])),
+    "glm4_moe_lite": ("Glm4MoeLiteConfig", dict(
+        intermediate_size=64, moe_intermediate_size=32, n_routed_experts=8, n_group=2, topk_group=1,
+        num_experts_per_tok=2, n_shared_experts=1, routed_scaling_factor=1.8, norm_topk_prob=True,
+        mlp_layer_types=["sparse", "sparse"], q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=4,
+        qk_nope_head_dim=4, v_head_dim=8, num_key_value_heads=4)),
 }
 FAMILIES = ("qwen3_moe", "qwen3_vl_moe", *_FAMILIES)
 
