@@ -36,7 +36,7 @@ import inspect
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, LinearAttentionCacheLayerMixin
 
 from sapo.models.routing import is_moe, pad_routing, record_routing, require_routing
 from sapo.rollout.base import RolloutBatch, check_generate_args, collate_extra_inputs, left_pad
@@ -88,7 +88,13 @@ def make_kv_cache(model: torch.nn.Module, max_len: int, kind: str) -> DynamicCac
 
 def _select_rows(cache: DynamicCache, rows: torch.Tensor) -> None:
     for layer in cache.layers:
-        layer.batch_select_indices(rows)
+        if isinstance(layer, LinearAttentionCacheLayerMixin):
+            # linear-attention conv / recurrent states (Qwen3-Next, Qwen3.5): their batch_select_indices is
+            # missing, or a hybrid layer's (DynamicLayer's) selects only keys / values; reorder_cache
+            # index-selects every state along the batch axis
+            layer.reorder_cache(rows)
+        else:
+            layer.batch_select_indices(rows)
 
 
 def _mrope_model(model: torch.nn.Module) -> torch.nn.Module | None:

@@ -251,11 +251,16 @@ def test_r3_record_on_the_hf_generation_path_matches_a_teacher_forced_forward(fa
     assert lean_unsupported(model) is not None
     prompts = [[5, 6, 7, 8, 9], [10, 11, 12], [13, 14, 15, 16]]
     engine = TorchEngine(model, record_experts=True)
-    out = engine.generate(prompts, max_new_tokens=4, eos_token_ids=[2], pad_token_id=0, greedy=True)
-    assert engine.last_path == "hf"
-    width = 5 + 4 - 1
+    free = engine.generate(prompts, max_new_tokens=6, eos_token_ids=[2], pad_token_id=0, greedy=True)
+    # an EOS id row 1 emits first: rows then leave the batch (and its KV / linear-attention cache) mid-decode
+    out = engine.generate(prompts, max_new_tokens=6, eos_token_ids=[free.completion_ids[1][0]], pad_token_id=0,
+                          greedy=True)
+    lengths = sorted(len(c) for c in out.completion_ids)
+    assert engine.last_path == "hf" and lengths[0] < lengths[-1]
+    width = 5 + 6 - 1
     assert engine.last_routing.shape == (2, 3, width, 2)
     fed = _fed_positions(out, width)
+    assert (engine.last_routing[:, 1, 5 + len(out.completion_ids[1]) - 1 :] == -1).all()  # row 1 left
     packed = out.to_padded(pad_id=0)
     with torch.no_grad(), record_routing(model) as full:
         model(input_ids=packed["input_ids"], attention_mask=packed["attention_mask"],
