@@ -266,3 +266,21 @@ def test_r3_record_on_the_hf_generation_path_matches_a_teacher_forced_forward(fa
         model(input_ids=packed["input_ids"], attention_mask=packed["attention_mask"],
               position_ids=packed["position_ids"])
     assert torch.equal(full.experts[:, :, :width][:, fed], engine.last_routing[:, fed])
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "gpt_oss"])
+def test_activation_checkpointing_replays_the_recompute_and_records_once(family, batch):
+    input_ids, attention_mask = batch
+    with torch.no_grad(), record_routing(_model(family)) as old:
+        _model(family)(input_ids=input_ids, attention_mask=attention_mask)
+    grads = []
+    for checkpointing in (False, True):
+        model = _perturbed(family).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        with replay_routing(model, old.experts) as replayed:
+            model(input_ids=input_ids, attention_mask=attention_mask).logits.square().mean().backward()
+        assert replayed.used_experts.shape == old.experts.shape  # the recompute is not recorded twice
+        assert replay_mismatch_fraction(old.experts, replayed.used_experts, attention_mask) == 0.0
+        grads.append(moe_layers(model)[0][1].weight.grad.clone())
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-8)
