@@ -18,7 +18,7 @@ Every record also holds the experts the experts module was *actually called with
 so `replay_mismatch_fraction` can prove that a replay took effect.
 
 Supported routers: the families registered in `sapo.models.moe_families` (Qwen3-MoE, Qwen3-VL-MoE,
-Qwen3.5-MoE, Qwen3-Next, Qwen2-MoE, OLMoE, Mixtral, DeepSeek-V3, GLM-4-MoE, gpt-oss). A model with a
+Qwen3.5-MoE, Qwen3-Next, Qwen2-MoE, OLMoE, Mixtral, DeepSeek-V3, GLM-4-MoE, gpt-oss, ...). A model with a
 router of another kind is still an MoE model (`is_moe`), but recording or replaying its routing raises
 NotImplementedError naming the family, instead of silently doing nothing.
 """

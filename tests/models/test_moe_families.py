@@ -284,3 +284,21 @@ def test_activation_checkpointing_replays_the_recompute_and_records_once(family,
         assert replay_mismatch_fraction(old.experts, replayed.used_experts, attention_mask) == 0.0
         grads.append(moe_layers(model)[0][1].weight.grad.clone())
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-5, atol=1e-8)
+
+
+def test_a_family_that_cannot_be_forced_records_but_refuses_replay(monkeypatch, batch):
+    import dataclasses
+
+    from sapo.models import moe_families
+
+    family = moe_families._BY_ROUTER["MixtralTopKRouter"]
+    monkeypatch.setitem(moe_families._BY_ROUTER, "MixtralTopKRouter",
+                        dataclasses.replace(family, no_replay="its block re-derives the top-k"))
+    model = _model("mixtral")
+    input_ids, attention_mask = batch
+    assert routing_unavailable(model) is None and "re-derives" in routing_unavailable(model, replay=True)
+    with torch.no_grad(), record_routing(model) as record:
+        model(input_ids=input_ids, attention_mask=attention_mask)
+    with pytest.raises(NotImplementedError, match="routing replay is not available.*Mixtral router.*re-derives"):
+        with replay_routing(model, record.experts):
+            pass
