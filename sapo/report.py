@@ -26,7 +26,8 @@ PANELS = [
     ("length", "Completion length (tokens)", [("completion/length_mean", "mean"),
                                               ("completion/truncated_frac", "truncated share")]),
     ("moe", "MoE routing", [("moe/routing_changed", "routing changed share"),
-                            ("moe/expert_load_entropy", "expert load entropy")]),
+                            ("moe/expert_load_entropy", "expert load entropy"),
+                            ("moe/replay_mismatch", "replay mismatch share (0 = replay took effect)")]),
 ]
 
 

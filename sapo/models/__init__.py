@@ -10,8 +10,10 @@ from sapo.models.routing import (
     moe_layers,
     pad_routing,
     record_routing,
+    replay_mismatch_fraction,
     replay_routing,
     routing_changed_fraction,
+    routing_unavailable,
 )
 from sapo.models.tiny import build_tiny_model, tiny_config
 
@@ -30,8 +32,10 @@ __all__ = [
     "output_weight",
     "pad_routing",
     "record_routing",
+    "replay_mismatch_fraction",
     "replay_routing",
     "routing_changed_fraction",
+    "routing_unavailable",
     "save_model",
     "tiny_config",
 ]

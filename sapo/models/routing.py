@@ -8,13 +8,19 @@ with a discrete routing change. Routing replay removes the second part:
   them in the new forwards (`replay_routing`).
 - R3: record the experts chosen during generation (prefill + decode steps) and force those.
 
-Under replay the gate *weights* are still the current router's: softmax of the current router
-logits gathered at the replayed experts (renormalised over them when `norm_topk_prob`), so the
-router keeps receiving gradients. Only the discrete top-k choice is pinned.
+Under replay the gate *weights* are still the current router's, computed as the family's own router
+computes them for the forced experts (softmax renormalised or not, DeepSeek-V3's sigmoid with its
+scaling factor, gpt-oss's softmax over the k logits: `sapo.models.moe_families`), so the router keeps
+receiving gradients and an unchanged model reproduces its forward exactly. Only the discrete top-k
+choice is pinned.
 
-Supported routers: transformers 5.x `Qwen3MoeTopKRouter` and `Qwen3VLMoeTextTopKRouter`
-(`mlp.gate`, returning `(router_logits, top-k weights, top-k indices)`, experts are fused 3-D
-parameters). Any other layout raises instead of silently doing nothing.
+Every record also holds the experts the experts module was *actually called with* (`used_experts`),
+so `replay_mismatch_fraction` can prove that a replay took effect.
+
+Supported routers: the families registered in `sapo.models.moe_families` (Qwen3-MoE, Qwen3-VL-MoE,
+Qwen3.5-MoE, Qwen3-Next, Qwen2-MoE, OLMoE, Mixtral, DeepSeek-V3, GLM-4-MoE, gpt-oss, ...). A model with a
+router of another kind is still an MoE model (`is_moe`), but recording or replaying its routing raises
+NotImplementedError naming the family, instead of silently doing nothing.
 """
 
 from __future__ import annotations
@@ -27,52 +33,57 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Router class -> whether it renormalises the top-k probabilities when it has no
-# `norm_topk_prob` attribute (Qwen3-VL-MoE always does; Qwen3-MoE follows its config).
-_RENORMALISES_BY_DEFAULT = {"Qwen3MoeTopKRouter": False, "Qwen3VLMoeTextTopKRouter": True}
-SUPPORTED_ROUTERS = tuple(_RENORMALISES_BY_DEFAULT)
+from sapo.models.moe_families import FAMILIES, config_declares_experts, family_of, is_router_like
+
 UNSET = -1  # a routing entry of -1 means "no recorded choice: let the current router pick"
-
-
-def _is_router_like(name: str, module: nn.Module) -> bool:
-    class_name = type(module).__name__
-    return class_name.endswith("Router") or (name.endswith("mlp.gate") and not isinstance(module, nn.Linear))
-
-
-def _config_has_experts(model: nn.Module) -> bool:
-    config = getattr(model, "config", None)
-    config = config.get_text_config() if hasattr(config, "get_text_config") else config
-    return any(
-        (getattr(config, key, 0) or 0) > 1 for key in ("num_experts", "num_local_experts", "n_routed_experts")
-    )
+SUPPORTED_ROUTERS = tuple(router for family in FAMILIES for router in family.routers)
 
 
 def moe_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """`(qualified name, router module)` of every MoE layer, in layer order.
-
-    Raises NotImplementedError when the model has a router of an unknown kind, or when its config
-    declares experts but no supported router is found (e.g. a transformers version whose MoE
-    layout this module does not know).
-    """
-    layers = []
-    for name, module in model.named_modules():
-        if not _is_router_like(name, module):
-            continue
-        if type(module).__name__ not in SUPPORTED_ROUTERS:
-            raise NotImplementedError(
-                f"router {name} is a {type(module).__name__}; routing record/replay supports {SUPPORTED_ROUTERS}"
-            )
-        layers.append((name, module))
-    if not layers and _config_has_experts(model):
-        raise NotImplementedError(
-            f"{type(model).__name__} declares experts in its config but has no {SUPPORTED_ROUTERS} module; "
-            "this transformers version's MoE layout is not supported by sapo.models.routing"
-        )
-    return layers
+    """`(qualified name, router module)` of every MoE layer, in layer order; routers of kinds
+    `sapo.models.moe_families` does not know are listed too (`routing_unavailable` says so)."""
+    return [(name, module) for name, module in model.named_modules() if is_router_like(name, module)]
 
 
 def is_moe(model: nn.Module) -> bool:
-    return len(moe_layers(model)) > 0
+    """The model has MoE layers (a router module, or a config that declares experts), whether or not
+    sapo can record or replay its routing."""
+    return bool(moe_layers(model)) or config_declares_experts(model)
+
+
+def _family_name(model: nn.Module) -> str:
+    config = getattr(model, "config", None)
+    return getattr(config, "model_type", None) or type(model).__name__
+
+
+def routing_unavailable(model: nn.Module, *, replay: bool = False) -> str | None:
+    """Why this model's routing cannot be recorded (or, with `replay`, forced); None when it can."""
+    layers = moe_layers(model)
+    if not layers:
+        if config_declares_experts(model):
+            return (f"{_family_name(model)} ({type(model).__name__}) declares experts in its config but has no router "
+                    "module sapo recognises (a transformers MoE layout sapo.models.moe_families does not know)")
+        return f"{type(model).__name__} has no MoE layers"
+    for name, router in layers:
+        family = family_of(router)
+        if family is None:
+            return (f"router {name} of {_family_name(model)} is a {type(router).__name__}, a router kind "
+                    f"sapo.models.moe_families does not know (known: {', '.join(f.name for f in FAMILIES)}); "
+                    "docs/models.md says how to add one")
+        if replay and family.no_replay:
+            return f"the {family.name} router {name} cannot be forced: {family.no_replay}"
+    return None
+
+
+def require_routing(model: nn.Module, feature: str, *, replay: bool = False) -> None:
+    """Raise NotImplementedError naming `feature` and the model family when its routing cannot be
+    recorded (or replayed); a dense model raises ValueError."""
+    reason = routing_unavailable(model, replay=replay)
+    if reason is None:
+        return
+    if not is_moe(model):
+        raise ValueError(f"{feature} needs a Mixture-of-Experts model: {reason}")
+    raise NotImplementedError(f"{feature} is not available for this model: {reason}")
 
 
 def routing_dtype(num_experts: int) -> torch.dtype:
@@ -96,6 +107,7 @@ class RoutingRecord:
     top_k: int
     experts_calls: list[list[torch.Tensor]] = field(default_factory=list)  # [L][call] -> [b, t, k]
     logits_calls: list[list[torch.Tensor]] = field(default_factory=list)  # [L][call] -> [b, t, E] fp32
+    used_calls: list[list[torch.Tensor]] = field(default_factory=list)  # [L][call] -> [b, t, k] fed to experts
     rows_calls: list[torch.Tensor | None] = field(default_factory=list)  # [call] -> [b] original rows
     current_rows: torch.Tensor | None = None
     # with keep_graph: each layer's router logits [b * t, E] of the latest forward, with their autograd
@@ -135,37 +147,33 @@ class RoutingRecord:
         return self._join(self.experts_calls, UNSET, "routing")
 
     @property
+    def used_experts(self) -> torch.Tensor:
+        """The experts `[L, B, T, k]` each MoE layer's experts module was called with: under replay the
+        forced ones where replay took effect; without replay, the router's own choice."""
+        return self._join(self.used_calls, UNSET, "used experts")
+
+    @property
     def router_logits(self) -> torch.Tensor:
         """Router logits `[L, B, T, E]` float32 (only with `with_logits=True`; NaN where unreached)."""
         return self._join(self.logits_calls, float("nan"), "router logits (pass with_logits=True)")
 
 
-def _router_logits(router: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
-    # The same linear map the router applies; recomputed because some transformers 5.x releases
-    # return softmax probabilities in the "router_logits" slot.
-    return F.linear(hidden.reshape(-1, router.weight.shape[1]), router.weight, getattr(router, "bias", None))
-
-
-def _replayed_weights(router: nn.Module, logits: torch.Tensor, experts: torch.Tensor) -> torch.Tensor:
-    """Gate weights of the forced experts from the current router: p = softmax(logits), w = p[experts]."""
-    probs = F.softmax(logits, dim=-1, dtype=torch.float32)  # [N, E]
-    weights = probs.gather(1, experts)  # [N, k]
-    renormalise = getattr(router, "norm_topk_prob", _RENORMALISES_BY_DEFAULT[type(router).__name__])
-    if renormalise:
-        weights = weights / weights.sum(dim=-1, keepdim=True)  # renormalise over the k chosen experts
-    return weights.to(logits.dtype)
+def _in_backward() -> bool:
+    return torch._C._current_graph_task_id() != -1  # an activation-checkpoint recompute
 
 
 @contextlib.contextmanager
 def _routing_hooks(
     model: nn.Module, replay: torch.Tensor | None, with_logits: bool, keep_graph: bool = False
 ) -> Iterator[RoutingRecord]:
+    feature = "routing replay" if replay is not None else "routing record"
+    require_routing(model, feature, replay=replay is not None)
     layers = moe_layers(model)
-    if not layers:
-        raise ValueError(f"{type(model).__name__} has no MoE layers: routing record/replay does not apply")
+    families = [family_of(router) for _, router in layers]
     first = layers[0][1]
     record = RoutingRecord(num_experts=first.num_experts, top_k=first.top_k)
     record.experts_calls = [[] for _ in layers]
+    record.used_calls = [[] for _ in layers]
     record.logits_calls = [[] for _ in layers]
     record.graph_logits = [None for _ in layers]
     store = routing_dtype(record.num_experts)
@@ -175,13 +183,12 @@ def _routing_hooks(
         raise ValueError(
             f"replayed routing has shape {tuple(replay.shape)}; expected [L={len(layers)}, B, T, k={first.top_k}]"
         )
-    modules = dict(model.named_modules())
     shapes: list[tuple[int, int]] = [(0, 0)] * len(layers)  # (B, T) of the current call, per layer
     handles = []
 
     def block_pre_hook(index: int):
-        def hook(module, args):
-            hidden = args[0] if args else None
+        def hook(module, args, kwargs):
+            hidden = args[0] if args else kwargs.get("hidden_states")
             if not isinstance(hidden, torch.Tensor) or hidden.dim() != 3:
                 raise NotImplementedError(f"MoE block {layers[index][0]} did not get a [B, T, d] input")
             shapes[index] = (hidden.shape[0], hidden.shape[1])
@@ -189,11 +196,13 @@ def _routing_hooks(
         return hook
 
     def router_hook(index: int):
+        rule = families[index].rule
+
         def hook(router, args, output):
             batch, length = shapes[index]
             if not (isinstance(output, tuple) and len(output) == 3 and output[2].dim() == 2):
                 raise NotImplementedError(
-                    f"router {layers[index][0]} returned an unknown layout; expected "
+                    f"{families[index].name} router {layers[index][0]} returned an unknown layout; expected "
                     "(router_logits, top-k weights [N, k], top-k indices [N, k])"
                 )
             chosen = output[2]  # [N, k] the current router's own top-k
@@ -201,14 +210,14 @@ def _routing_hooks(
                 raise NotImplementedError(
                     f"router {layers[index][0]} saw {chosen.shape[0]} tokens, block {batch}x{length}"
                 )
-            in_backward = torch._C._current_graph_task_id() != -1  # activation-checkpoint recompute
+            in_backward = _in_backward()
             logits = None
             if not in_backward:
                 if index == 0:
                     record.rows_calls.append(record.current_rows)
                 record.experts_calls[index].append(chosen.detach().reshape(batch, length, -1).to(store))
             if with_logits or replay is not None or keep_graph:
-                logits = _router_logits(router, args[0])  # [N, E]
+                logits = rule.logits(router, args[0])  # [N, E], as the router computes them
             if keep_graph and not in_backward:
                 record.graph_logits[index] = logits
             if with_logits and not in_backward:
@@ -224,15 +233,38 @@ def _routing_hooks(
             forced = forced.to(device=chosen.device, dtype=torch.long).reshape(batch * length, -1)  # [N, k]
             unset = (forced < 0).any(dim=-1, keepdim=True)  # [N, 1] positions with no recorded choice
             forced = torch.where(unset, chosen, forced)
-            return (output[0], _replayed_weights(router, logits, forced), forced)
+            return (output[0], rule.weights(router, logits, forced), forced)
+
+        return hook
+
+    def experts_pre_hook(index: int):
+        # what the experts module is actually called with: (hidden [N, d], top-k indices [N, k], weights)
+        def hook(module, args, kwargs):
+            if _in_backward():
+                return
+            batch, length = shapes[index]
+            indices = args[1] if len(args) > 1 else next(
+                (kwargs[key] for key in ("top_k_index", "router_indices", "selected_experts") if key in kwargs), None)
+            if not isinstance(indices, torch.Tensor) or indices.shape[0] != batch * length:
+                raise NotImplementedError(
+                    f"the {families[index].name} experts of {layers[index][0]} were not called with top-k "
+                    f"indices [N={batch * length}, k]: sapo.models.moe_families' layout for it is out of date"
+                )
+            record.used_calls[index].append(indices.detach().reshape(batch, length, -1).to(store))
 
         return hook
 
     try:
         for index, (name, router) in enumerate(layers):
-            block = modules[name.rsplit(".", 1)[0]] if "." in name else model
-            handles.append(block.register_forward_pre_hook(block_pre_hook(index)))
+            block = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            experts = getattr(block, families[index].experts, None)
+            if not isinstance(experts, nn.Module):
+                raise NotImplementedError(
+                    f"the {families[index].name} MoE block of {name} has no '{families[index].experts}' module: "
+                    "sapo.models.moe_families' layout for it is out of date")
+            handles.append(block.register_forward_pre_hook(block_pre_hook(index), with_kwargs=True))
             handles.append(router.register_forward_hook(router_hook(index)))
+            handles.append(experts.register_forward_pre_hook(experts_pre_hook(index), with_kwargs=True))
         yield record
     finally:
         for handle in handles:
@@ -289,6 +321,22 @@ def routing_changed_fraction(
     weights = mask.to(changed.device, torch.float32)  # [B, T]
     per_layer = (changed * weights).sum(dim=(1, 2)) / weights.sum().clamp(min=1.0)  # [L]
     return per_layer.mean().item(), per_layer.tolist()
+
+
+def replay_mismatch_fraction(replayed: torch.Tensor, used: torch.Tensor, mask: torch.Tensor) -> float:
+    """Share of replayed tokens whose forward used another expert set than the replay forced: 0 when
+    replay works. A token counts once per MoE layer, where it is in `mask` and its replayed entry is
+    set (no -1: those are left to the router).
+
+    replayed: [L, B, T, k] the routing passed to `replay_routing`; used: [L, B, T, k] that context's
+    `record.used_experts`; mask: [B, T].
+    """
+    if replayed.shape != used.shape:
+        raise ValueError(f"routing shapes differ: replayed {tuple(replayed.shape)} vs used {tuple(used.shape)}")
+    used = used.to(replayed.device)
+    counted = (replayed >= 0).all(dim=-1) & mask.to(replayed.device, torch.bool)[None]  # [L, B, T]
+    differs = (replayed.long().sort(dim=-1).values != used.long().sort(dim=-1).values).any(dim=-1)  # [L, B, T]
+    return (differs & counted).sum().item() / max(int(counted.sum()), 1)
 
 
 def expert_load_entropy(routing: torch.Tensor, mask: torch.Tensor, num_experts: int) -> list[float]:

@@ -37,9 +37,9 @@ import inspect
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
+from transformers.cache_utils import DynamicLayer, LinearAttentionCacheLayerMixin
 
-from sapo.models.routing import moe_layers, pad_routing, record_routing
+from sapo.models.routing import is_moe, pad_routing, record_routing, require_routing
 from sapo.rollout.base import (
     CopiedWeights,
     LiveWeights,
@@ -97,7 +97,13 @@ def make_kv_cache(model: torch.nn.Module, max_len: int, kind: str) -> DynamicCac
 
 def _select_rows(cache: DynamicCache, rows: torch.Tensor) -> None:
     for layer in cache.layers:
-        layer.batch_select_indices(rows)
+        if isinstance(layer, LinearAttentionCacheLayerMixin):
+            # linear-attention conv / recurrent states (Qwen3-Next, Qwen3.5): their batch_select_indices is
+            # missing, or a hybrid layer's (DynamicLayer's) selects only keys / values; reorder_cache
+            # index-selects every state along the batch axis
+            layer.reorder_cache(rows)
+        else:
+            layer.batch_select_indices(rows)
 
 
 def _mrope_model(model: torch.nn.Module) -> torch.nn.Module | None:
@@ -163,8 +169,10 @@ class TorchEngine(LiveWeights):
     def generate(self, prompt_ids: list[list[int]], sampling: SamplingParams, *,
                  extra_inputs: list[dict] | None = None) -> RolloutBatch:
         check_generate_args(prompt_ids, sampling, extra_inputs)
-        if sampling.record_experts and not moe_layers(self.model):
+        if sampling.record_experts and not is_moe(self.model):
             raise ValueError(f"record_experts=True needs an MoE model; {type(self.model).__name__} has no top-k router")
+        if sampling.record_experts:  # an MoE router sapo cannot replay: say so before decoding
+            require_routing(self.model, "record_experts=True (R3 routing replay)", replay=True)
         mrope_model = _mrope_model(self.model)
         multimodal = extra_inputs is not None and any(extra_inputs)
         if multimodal and mrope_model is None:

@@ -146,7 +146,7 @@ def behaviour(policy: Policy, forward: TeacherForcing, reference, rollout: Rollo
               need_old: bool, routing_replay: str, old_logprobs: str, tis_cap: float) -> Behaviour:
     t0 = time.perf_counter()
     tensors = adv.tensors
-    record = policy.is_moe and (need_old or routing_replay != "none")
+    record = policy.routing_recordable and (need_old or routing_replay != "none")
     old = behaviour_pass(policy.model, forward, tensors, need_old=need_old, record=record, replay=routing_replay,
                          source=old_logprobs, measure_mismatch=tis_cap > 0)
     ref_logprobs = reference.logprobs(forward, tensors) if reference is not None else None

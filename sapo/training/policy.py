@@ -26,6 +26,8 @@ class Policy:
         self.pad_token_id = pad_token_id
         self.lora = lora
         self.is_moe = moe.is_moe(model)
+        # routing diagnostics only where sapo knows the router family (sapo.models.moe_families)
+        self.routing_recordable = self.is_moe and moe.routing_unavailable(model) is None
         self.device = next(model.parameters()).device
 
     def decode(self, ids: list[int]) -> str:
@@ -74,6 +76,10 @@ def load_policy(cfg: TrainConfig) -> Policy:
     if cfg.routing_replay != "none" and not moe.is_moe(model):
         raise ConfigError(f"routing_replay={cfg.routing_replay} needs a Mixture-of-Experts model; "
                           f"{type(model).__name__} has no top-k router (use routing_replay=none)")
+    for feature, wanted, replay in ((f"routing_replay={cfg.routing_replay}", cfg.routing_replay != "none", True),
+                                    ("router_aux_loss_coef > 0", cfg.router_aux_loss_coef > 0 and moe.is_moe(model), False)):
+        if wanted and (reason := moe.routing_unavailable(model, replay=replay)):
+            raise ConfigError(f"{feature} is not available for this model: {reason}")
     if cfg.lora_rank:
         from sapo.models.lora import apply_lora
 

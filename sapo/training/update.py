@@ -73,10 +73,10 @@ def _routing_context(model, old: BehaviourPass, micro, columns, aux: bool):
     old_routing = old.routing[:, micro.to(old.routing.device), columns] if old.routing is not None else None
     replay = old.replay[:, micro.to(old.replay.device), columns] if old.replay is not None else None
     if replay is not None:
-        return moe.replay_routing(model, replay, keep_graph=aux), old_routing
+        return moe.replay_routing(model, replay, keep_graph=aux), old_routing, replay
     if old_routing is not None or aux:
-        return moe.record_routing(model, keep_graph=aux), old_routing
-    return contextlib.nullcontext(), old_routing
+        return moe.record_routing(model, keep_graph=aux), old_routing, None
+    return contextlib.nullcontext(), old_routing, None
 
 
 def policy_update(model, optimizer, forward: TeacherForcing, tensors: RolloutTensors, rows: torch.Tensor,
@@ -94,11 +94,12 @@ def policy_update(model, optimizer, forward: TeacherForcing, tensors: RolloutTen
     aux_coef = settings.router_aux_loss_coef if is_moe else 0.0
     metrics_rows, losses, finite = [], [], True
     routing_changed: list[float] = []
+    replay_mismatch: list[float] = []  # share of replayed tokens whose experts were not the forced ones
     aux_values: list[float] = []
     for micro, part, left in forward.micro_batches(tensors, rows):
         width = part.completion_mask.shape[1]  # C' <= C after trimming; columns past it are padding
         columns = slice(left, left + part.input_ids.shape[1])  # [L, b, T', k]: the trimmed part's positions
-        ctx, old_routing = _routing_context(model, old, micro, columns, aux_coef > 0)
+        ctx, old_routing, replay = _routing_context(model, old, micro, columns, aux_coef > 0)
         with ctx as record:  # backward inside: activation checkpointing re-runs the forward
             mask = part.completion_mask.to(device)
             advantages = part.advantages.to(device)
@@ -146,6 +147,8 @@ def policy_update(model, optimizer, forward: TeacherForcing, tensors: RolloutTen
         if old_routing is not None:
             frac, _ = moe.routing_changed_fraction(old_routing, record.experts, completion_positions(part))
             routing_changed.append(frac)
+        if replay is not None:  # did the forward use the forced experts? (0 when replay works)
+            replay_mismatch.append(moe.replay_mismatch_fraction(replay, record.used_experts, completion_positions(part)))
         metrics_rows.append(metrics)
     grad_norm = float("nan")
     finite = distributed.all_true(finite)  # one rank's non-finite loss skips the update everywhere
@@ -165,6 +168,8 @@ def policy_update(model, optimizer, forward: TeacherForcing, tensors: RolloutTen
     out["grad_norm"] = grad_norm
     if routing_changed:
         out["moe/routing_changed"] = sum(routing_changed) / len(routing_changed)
+    if replay_mismatch:
+        out["moe/replay_mismatch"] = sum(replay_mismatch) / len(replay_mismatch)
     if aux_values:
         out["moe/aux_loss"] = sum(aux_values) / len(aux_values)
     return out
