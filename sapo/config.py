@@ -137,13 +137,14 @@ class TrainConfig:
     )
 
     max_staleness: int = _opt(
-        0, "RL steps the sampling weights may lag: step t samples with the weights after step t-1-K (0 = the "
-        "synchronous loop; K >= 1 needs an engine with its own weights: engine=torch becomes torch-copy)",
+        0, "RL steps the sampling weights lag: step t samples with the weights after step t-1-K (0 = the "
+        "synchronous loop)",
         group="rollout",
     )
     staleness_mode: str = _opt(
-        "sync", "how the lag is produced: sync = the same process, sampling then training, with the K older "
-        "weight versions kept", ("sync",), group="rollout",
+        "async", "how the lag is produced (max_staleness >= 1): async = the rollout engine in its own process, "
+        "sampling up to K + 1 steps ahead while the trainer trains; sync = the same process, sampling then "
+        "training; both sample exactly the same (docs/async.md)", ("async", "sync"), group="rollout",
     )
 
     # ---- objective ------------------------------------------------------------------------

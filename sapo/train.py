@@ -27,9 +27,10 @@ from sapo.evaluate import EvalSettings, evaluate_items
 from sapo.rollout import RolloutEngine, make_engine
 from sapo.tracking import NullLogger, RunLogger
 from sapo.training import phases
+from sapo.training.async_sampler import AsyncSampler
 from sapo.training.policy import Policy, load_policy
 from sapo.training.reference import make_reference
-from sapo.training.staleness import WeightHistory, sampling_version
+from sapo.training.staleness import LaggedSampler, RolloutRequest, WeightHistory, sampling_version
 from sapo.training.state import PromptSampler, TrainerState
 from sapo.training.tasks import TaskData, load_task
 from sapo.training.teacher_forcing import ForwardSettings, TeacherForcing
@@ -170,7 +171,7 @@ class Run:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     rollout_gen: torch.Generator
-    history: WeightHistory | None  # max_staleness > 0: the weight versions the coming steps sample with
+    lagged: LaggedSampler | AsyncSampler | None  # max_staleness > 0: what samples step t with version t-1-K
     sampler: PromptSampler
     state: TrainerState
     counter_base: dict[str, float]
@@ -194,7 +195,15 @@ def train(cfg: TrainConfig, overrides: dict | None = None) -> dict:
                   "nothing to do", flush=True)
             return {"step": done, "finished": True}
     run = setup(cfg, checkpoint_path)
-    state, info = run.state, run.info
+    try:
+        return _loop(run)
+    finally:
+        if run.lagged is not None:
+            run.lagged.close()  # the sampler process, if any
+
+
+def _loop(run: Run) -> dict:
+    cfg, state, info = run.cfg, run.state, run.info
     logger = RunLogger(run.out_dir, tensorboard=cfg.tensorboard,
                        resume_step=state.step if run.resumed else None) if info.is_main else NullLogger()
     progress = _progress_bar(cfg, state.step) if info.is_main else None
@@ -244,16 +253,18 @@ def rl_step(run: Run) -> tuple[dict[str, float], list[dict]]:
     # 1. sample prompts, roll out G completions each (several processes: every rank draws the step's
     # prompts and keeps its own slice of whole groups, with its own sampling stream)
     prompt_indices = distributed.rank_slice(run.sampler.next(cfg.prompts_per_step), info)
-    if info.enabled:  # a resume draws the same completions
-        run.rollout_gen.manual_seed(distributed.rollout_seed(cfg.seed, state.step, info))
-    t_sync = 0.0
-    if run.history is not None:  # max_staleness = K: this step samples with the weights after step t-1-K
-        t_sync = phases.load_version(run.engine, run.history, sampling_version(state.step, cfg.max_staleness))
-    sampling = run.policy.sampling(max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
-                                   top_p=cfg.top_p, top_k=cfg.top_k, generator=run.rollout_gen,
-                                   record_experts=cfg.routing_replay == "R3")
-    rollout = phases.collect(run.engine, run.policy, run.task, prompt_indices, num_generations=cfg.num_generations,
-                             sampling=sampling)
+    if run.lagged is None:
+        if info.enabled:  # a resume draws the same completions
+            run.rollout_gen.manual_seed(distributed.rollout_seed(cfg.seed, state.step, info))
+        sampling = run.policy.sampling(max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
+                                       top_p=cfg.top_p, top_k=cfg.top_k, generator=run.rollout_gen,
+                                       record_experts=cfg.routing_replay == "R3")
+        rollout = phases.collect(run.engine, run.policy, run.task, prompt_indices,
+                                 num_generations=cfg.num_generations, sampling=sampling)
+        async_metrics = {}
+    else:  # max_staleness = K: sampled with the weights after step t-1-K (now, or ahead in the sampler process)
+        rollout, async_metrics = phases.collect_lagged(run.lagged, rollout_request(run, state.step), run.task,
+                                                       prompt_indices, cfg.num_generations)
     # 2. rewards, 3. group-normalised advantages
     scored = phases.score(rollout, run.task, run.policy.decode, cfg.num_generations)
     adv = phases.advantages(rollout, scored, scale_rewards=cfg.scale_rewards, drop_equal_groups=cfg.drop_equal_groups,
@@ -287,12 +298,12 @@ def rl_step(run: Run) -> tuple[dict[str, float], list[dict]]:
         metrics.update(opt.metrics)
         t_old, t_update = beh.seconds, opt.seconds
     # 6. the new weights: to the engine now, or kept for the step that samples with them (staleness)
-    if run.history is None:
-        t_sync += phases.sync_weights(run.engine, run.policy.model, version=state.step)
+    if run.lagged is None:
+        t_hand = phases.sync_weights(run.engine, run.policy.model, version=state.step)
     else:
-        run.history.record(state.step, run.policy.model)
-    state.policy_version = run.engine.policy_version
+        t_hand = run.lagged.weights_ready(state.step, run.policy.model)
     batch = rollout.batch
+    state.policy_version = batch.policy_version
     metrics.update({
         "nonfinite/skipped_total": float(state.nonfinite_total),
         "lr": run.scheduler.get_last_lr()[0],
@@ -300,7 +311,8 @@ def rl_step(run: Run) -> tuple[dict[str, float], list[dict]]:
         "time/update": t_update, "time/step": time.perf_counter() - t_step,
         "tokens/completion_per_s": batch.num_completion_tokens / max(rollout.seconds, 1e-9),
         "async/staleness": float(state.step - 1 - batch.policy_version),  # RL steps behind, this batch
-        "async/sync_s": t_sync,  # handing weights to the engine
+        "async/sync_s": t_hand + async_metrics.pop("async/sync_s", 0.0),  # handing weights to the sampler
+        **async_metrics,  # async/sampler_wait_s, async/trainer_wait_s
     })
     samples = _sample_rows(scored, adv, cfg.log_samples) if cfg.log_samples else []
     return distributed.reduce_metrics(metrics), samples  # one row for all ranks
@@ -350,39 +362,57 @@ def setup(cfg: TrainConfig, checkpoint_path: Path | None) -> Run:
         if not info.is_main:
             state.reward_counters = {}  # saved summed over ranks: rank 0 carries them
         print(f"[sapo] resuming {out_dir} from step {state.step}", flush=True)
-    engine = make_engine(_engine_name(cfg), model)
-    history = None
-    if cfg.max_staleness > 0:
-        if not engine.owns_weights:
-            raise ConfigError(f"max_staleness > 0 needs an engine with its own copy of the weights; engine="
-                              f"{cfg.engine} samples the live model")
-        if checkpoint_path is not None:
-            raise ConfigError("resuming a run with max_staleness > 0 is not supported yet: its checkpoints do not "
-                              "hold the older weight versions; start it again, or train with max_staleness=0")
-        history = WeightHistory(cfg.max_staleness)
-        history.record(0, model)
-    elif engine.owns_weights or state.policy_version:
-        phases.sync_weights(engine, model, version=state.policy_version)
-    return Run(
+    engine = make_engine(cfg.engine, model)  # K = 0: the rollouts; always: evaluation
+    if engine.owns_weights:
+        phases.sync_weights(engine, model, version=state.step)
+    run = Run(
         cfg=cfg, info=info, out_dir=out_dir, policy=policy, task=task, engine=engine,
         forward=TeacherForcing(ForwardSettings.from_config(cfg), pad_token_id=policy.pad_token_id,
                                device=policy.device),
         reference=reference, update=UpdateSettings.from_config(cfg), optimizer=optimizer, scheduler=scheduler,
-        rollout_gen=rollout_gen, history=history, sampler=PromptSampler(len(task.train), cfg.seed, state.data_epoch, state.data_index),
+        rollout_gen=rollout_gen, lagged=None,
+        sampler=PromptSampler(len(task.train), cfg.seed, state.data_epoch, state.data_index),
         state=state, counter_base=counter_base, resumed=checkpoint_path is not None,
     )
+    if cfg.max_staleness > 0:
+        run.lagged = _lagged_sampler(run, checkpoint_path)
+    return run
 
 
-def _engine_name(cfg: TrainConfig) -> str:
-    """The rollout engine: a lagging one must hold its own weights (torch -> torch-copy)."""
-    if cfg.max_staleness == 0:
-        return cfg.engine
+def _lagged_sampler(run: Run, checkpoint_path: Path | None) -> LaggedSampler | AsyncSampler:
+    """max_staleness = K > 0: the weight versions the coming steps sample with, and what samples them."""
+    cfg, model = run.cfg, run.policy.model
+    if checkpoint_path is not None:
+        raise ConfigError("resuming a run with max_staleness > 0 is not supported yet: its checkpoints do not "
+                          "hold the older weight versions; start it again, or train with max_staleness=0")
+    history = WeightHistory(cfg.max_staleness)
+    history.record(0, model)
+    if cfg.staleness_mode == "async":
+        return AsyncSampler(cfg, cfg.engine, model, history, lambda step: rollout_request(run, step),
+                            first_step=run.state.step + 1, max_steps=cfg.max_steps)
     if cfg.engine == "torch":
-        return "torch-copy"
-    if cfg.engine == "hf":
-        raise ConfigError("max_staleness > 0 needs an engine with its own copy of the weights; engine=hf samples "
-                          "the live model: use engine=torch (its copy, torch-copy, is then used)")
-    return cfg.engine
+        engine = make_engine("torch-copy", model)
+    else:
+        engine = make_engine(cfg.engine, model)
+    if not engine.owns_weights:
+        raise ConfigError(f"max_staleness > 0 with staleness_mode=sync needs an engine with its own copy of the "
+                          f"weights; engine={cfg.engine} samples the live model (use engine=torch, or "
+                          "staleness_mode=async, whose sampler process has its own model)")
+    return LaggedSampler(engine, history)
+
+
+def rollout_request(run: Run, step: int) -> RolloutRequest:
+    """What RL step `step` samples, fixed by the step alone: its prompts (the data order is a pure
+    function of the step), its stream (seeded by the step) and the weights version t-1-K."""
+    cfg, info = run.cfg, run.info
+    size, per_step = len(run.task.train), cfg.prompts_per_step
+    drawn = (step - 1) * per_step
+    indices = distributed.rank_slice(PromptSampler(size, cfg.seed, drawn // size, drawn % size).next(per_step), info)
+    _, prompt_ids, row_extra = phases.step_prompts(run.task, indices, cfg.num_generations)
+    sampling = run.policy.sampling(max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature,
+                                   top_p=cfg.top_p, top_k=cfg.top_k, record_experts=cfg.routing_replay == "R3")
+    return RolloutRequest(step, prompt_ids, sampling, seed=distributed.rollout_seed(cfg.seed, step, info),
+                          extra_inputs=row_extra or None, version=sampling_version(step, cfg.max_staleness))
 
 
 def evaluate_policy(run: Run, step: int) -> dict[str, float]:

@@ -27,7 +27,7 @@ from sapo.training.batch import (
 )
 from sapo.training.behaviour import BehaviourPass, behaviour_pass
 from sapo.training.policy import Policy
-from sapo.training.staleness import RolloutRequest, WeightHistory
+from sapo.training.staleness import RolloutRequest
 from sapo.training.tasks import PromptItem, TaskData
 from sapo.training.teacher_forcing import TeacherForcing
 from sapo.training.update import UpdateSettings, policy_update
@@ -209,14 +209,6 @@ def optimize(policy: Policy, forward: TeacherForcing, optimizer, scheduler, adv:
             scheduler.step()
         rows_metrics.append(m)
     return Optimized(merge_metrics(rows_metrics), applied, skipped, nonfinite_run, time.perf_counter() - t0)
-
-
-def load_version(engine: RolloutEngine, history: WeightHistory, version: int) -> float:
-    """Staleness: give the engine the kept weights of `version` unless it holds them already; seconds."""
-    t0 = time.perf_counter()
-    if engine.policy_version != version:
-        engine.load_weights(history.weights(version), version=version)
-    return time.perf_counter() - t0
 
 
 def sync_weights(engine: RolloutEngine, model: torch.nn.Module, version: int) -> float:

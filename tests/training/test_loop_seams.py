@@ -54,7 +54,7 @@ def test_a_checkpoint_holds_exactly_the_trainer_state(tmp_path, sapo_cache):
     saved = json.loads((out / "checkpoint-000002" / "trainer_state.json").read_text())
     assert set(saved) == {f.name for f in dataclasses.fields(TrainerState)}
     state = TrainerState.from_dict(saved)
-    assert (state.step, state.policy_version, state.max_steps, state.world_size) == (2, 2, 2, 1)
+    assert (state.step, state.policy_version, state.max_steps, state.world_size) == (2, 1, 2, 1)
     assert state.data_index == 2 * int(TINY["prompts_per_step"])  # two steps of prompts drawn
     assert TrainerState.from_dict(state.to_dict()) == state
 
@@ -116,25 +116,27 @@ def _digest(named):
 def test_max_staleness_samples_step_t_with_the_weights_after_step_t_minus_1_minus_k(tmp_path, sapo_cache, monkeypatch):
     """K = 2 (staleness_mode=sync): the engine's weights when step t samples are the trainer's after step
     max(0, t - 3), and the logged staleness is min(t - 1, K)."""
-    from sapo.training import phases, staleness
+    from sapo.training import staleness
 
     trainer_versions, sampled_with = {}, {}
-    record, collect = staleness.WeightHistory.record, phases.collect
+    record = staleness.WeightHistory.record
 
     def spy_record(self, version, model):
         trainer_versions[version] = _digest((n, p) for n, p in model.named_parameters() if p.requires_grad)
         return record(self, version, model)
 
-    def spy_collect(engine, policy, task, prompts, **kwargs):
-        sampled_with[len(sampled_with) + 1] = (engine.policy_version, _digest(
-            (n, p) for n, p in engine.model.named_parameters() if n in dict(trainer_versions[0])))
-        return collect(engine, policy, task, prompts, **kwargs)
+    def spy_get(self, request):
+        out = get(self, request)
+        sampled_with[request.step] = (self.engine.policy_version, _digest(
+            (n, p) for n, p in self.engine.model.named_parameters() if n in dict(trainer_versions[0])))
+        return out
 
+    get = staleness.LaggedSampler.get
     monkeypatch.setattr(staleness.WeightHistory, "record", spy_record)
-    monkeypatch.setattr(phases, "collect", spy_collect)
+    monkeypatch.setattr(staleness.LaggedSampler, "get", spy_get)
     out = tmp_path / "stale"
-    train(build_config(overrides={**TINY, "max_staleness": "2", "max_steps": "5", "lr": "1e-3",
-                                  "output_dir": str(out)}))
+    train(build_config(overrides={**TINY, "max_staleness": "2", "staleness_mode": "sync", "max_steps": "5",
+                                  "lr": "1e-3", "output_dir": str(out)}))
     assert [r["async/staleness"] for r in _rows(out)] == [0.0, 1.0, 2.0, 2.0, 2.0]
     for step, (version, digest) in sampled_with.items():
         assert version == max(0, step - 3)
@@ -146,4 +148,5 @@ def test_staleness_needs_an_engine_with_its_own_weights(tmp_path):
     from sapo.config import ConfigError
 
     with pytest.raises(ConfigError, match="engine=hf samples the live model"):
-        train(build_config(overrides={**TINY, "max_staleness": "1", "engine": "hf", "output_dir": str(tmp_path)}))
+        train(build_config(overrides={**TINY, "max_staleness": "1", "staleness_mode": "sync", "engine": "hf",
+                                      "output_dir": str(tmp_path)}))
