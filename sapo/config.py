@@ -171,9 +171,16 @@ class TrainConfig:
         "moe/routing_changed)", ("recompute", "sampler"), group="objective",
     )
     tis_cap: float = _opt(
-        0.0, "truncated importance-sampling correction for sampler/trainer mismatch: weight "
-        "min(pi_old/pi_sampler, tis_cap) per token (0 = off)", group="objective",
+        0.0, "importance weights against the policy that sampled: pi_old/pi_sampler per token, capped at "
+        "tis_cap (0 = off; corrects trainer/sampler numerics and, under max_staleness, the lag)", group="objective",
     )
+    tis_mode: str = _opt(
+        "token_truncate", "how tis_cap applies: token_truncate (min(r, cap)), token_mask (0 outside "
+        "[tis_min, cap]: IcePop), sequence_truncate / sequence_mask (the same on the product over the sequence: "
+        "TRL's sequence_mask)", ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask"),
+        group="objective",
+    )
+    tis_min: float = _opt(0.0, "lower bound of the *_mask modes (0 = none)", group="objective")
 
     # ---- rewards --------------------------------------------------------------------------
     rewards: list[str] = _opt(["math"], "reward functions: math, format, or module:function", group="rewards")
@@ -245,7 +252,7 @@ class TrainConfig:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         nonneg = ("max_staleness", "eval_batch_size", "router_aux_loss_coef", "micro_batch_size", "micro_batch_tokens", "warmup_steps", "weight_decay", "max_grad_norm", "beta", "eval_steps", "top_k",
-                  "save_steps", "threads", "lora_rank", "warmstart_steps", "tis_cap", "log_samples", "logprob_chunk_size")
+                  "save_steps", "threads", "lora_rank", "warmstart_steps", "tis_cap", "tis_min", "log_samples", "logprob_chunk_size")
         for name in nonneg:
             if getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0, got {getattr(self, name)}")
@@ -316,6 +323,8 @@ class TrainConfig:
         if self.routing_replay == "R3" and self.loss_type == "grpo_r2":
             raise ConfigError("loss_type=grpo_r2 implies routing_replay=R2; for R3 use loss_type=grpo "
                               "epsilon_high=0.27 routing_replay=R3")
+        if self.tis_cap > 0 and self.tis_min >= self.tis_cap:
+            raise ConfigError(f"tis_min={self.tis_min} must be below tis_cap={self.tis_cap}")
         if self.old_logprobs == "sampler" and self.tis_cap > 0:
             raise ConfigError("tis_cap corrects trainer/sampler mismatch, which old_logprobs=sampler hides; "
                               "use one or the other")

@@ -19,6 +19,7 @@ from sapo.models import routing as moe
 from sapo.models.forward import output_bias, output_weight
 from sapo.objectives import aggregation_weights, objective_options, policy_loss, resolve
 from sapo.objectives.presets import LossSpec
+from sapo.objectives.sampler_correction import sampler_is_weights
 from sapo.ops import fused_token_policy_loss
 from sapo.training.batch import RolloutTensors, completion_positions, merge_metrics
 from sapo.training.behaviour import BehaviourPass
@@ -33,7 +34,9 @@ class UpdateSettings:
     loss_options: dict = field(default_factory=dict)  # objective constants (tau, epsilon, beta, ...)
     max_grad_norm: float = 1.0  # 0 = no clipping
     router_aux_loss_coef: float = 0.0  # MoE load-balancing loss weight
-    tis_cap: float = 0.0  # truncated importance sampling against the sampler (0 = off)
+    tis_cap: float = 0.0  # importance weights against the sampler, capped (0 = off)
+    tis_mode: str = "token_truncate"  # sapo.objectives.sampler_correction.MODES
+    tis_min: float = 0.0  # lower bound of the *_mask modes
     fused_head: bool = True  # the fused log-prob + loss head for token-level objectives
 
     @classmethod
@@ -45,19 +48,19 @@ class UpdateSettings:
             options["epsilon_high"] = cfg.epsilon_high
         # run values an objective declares it consumes (e.g. Dr.GRPO's max_completion_length)
         options = objective_options(cfg.loss_type, options, max_completion_length=cfg.max_completion_length)
-        return cls(cfg.loss_type, options, cfg.max_grad_norm, cfg.router_aux_loss_coef, cfg.tis_cap,
-                   cfg.fused_loss_head)
+        return cls(cfg.loss_type, options, cfg.max_grad_norm, cfg.router_aux_loss_coef, cfg.tis_cap, cfg.tis_mode,
+                   cfg.tis_min, cfg.fused_loss_head)
 
     def spec(self) -> LossSpec:
         return resolve(self.loss_type, **self.loss_options)
 
 
-def tis_weights(tis_cap: float, old_logp, sampler_logp, mask):
-    """Truncated importance sampling: min(pi_old / pi_sampler, tis_cap) per token (sampler mismatch)."""
-    if tis_cap <= 0 or old_logp is None:
-        return None
-    weights = torch.exp((old_logp - sampler_logp).clamp(max=20.0)).clamp(max=tis_cap)
-    return torch.where(mask, weights, 0.0)
+def tis_weights(settings: UpdateSettings, old_logp, sampler_logp, mask):
+    """Importance weights against the sampler (sapo.objectives.sampler_correction), or (None, {})."""
+    if settings.tis_cap <= 0 or old_logp is None:
+        return None, {}
+    return sampler_is_weights(old_logp, sampler_logp, mask, mode=settings.tis_mode, cap=settings.tis_cap,
+                              min_ratio=settings.tis_min)
 
 
 def uses_fused_head(settings: UpdateSettings, spec: LossSpec, model) -> bool:
@@ -105,7 +108,7 @@ def policy_update(model, optimizer, forward: TeacherForcing, tensors: RolloutTen
             advantages = part.advantages.to(device)
             ref = ref_logprobs[micro.to(device), :width] if ref_logprobs is not None else None
             old_logp = old.old_logprobs[micro.to(device), :width] if old.old_logprobs is not None else None
-            tis = tis_weights(settings.tis_cap, old_logp, part.sampler_logprobs.to(device), mask)
+            tis, tis_metrics = tis_weights(settings, old_logp, part.sampler_logprobs.to(device), mask)
             counts = {"num_sequences": num_sequences, "num_tokens": num_tokens}
             if old_logp is not None and fused:
                 # token-level objective: dL/dlogp is known per token, so the lm_head gradient is
@@ -144,6 +147,7 @@ def policy_update(model, optimizer, forward: TeacherForcing, tensors: RolloutTen
         losses.append(loss.detach())
         if entropy is not None and mask.any():
             metrics["entropy/mean"] = entropy[mask].mean().item()
+        metrics.update(tis_metrics)
         if old_routing is not None:
             frac, _ = moe.routing_changed_fraction(old_routing, record.experts, completion_positions(part))
             routing_changed.append(frac)

@@ -36,3 +36,16 @@ def test_async_equals_sync_with_the_same_lag(tmp_path, sapo_cache, max_staleness
     assert all(torch.equal(v, sb[k]) for k, v in a.state_dict().items())
     waits = [json.loads(line) for line in (outs["async"] / "metrics.jsonl").read_text().splitlines()]
     assert all(r["async/trainer_wait_s"] >= 0 and r["async/sampler_wait_s"] >= 0 for r in waits)
+
+
+def test_corrections_against_the_stale_sampler_are_applied_and_logged(tmp_path, sapo_cache):
+    """pi_old recomputed with the current weights, weighted by pi_old / pi_sampler (the sampler lagged a
+    step): the weights differ from 1, and the mask mode drops some of them."""
+    out = tmp_path / "is"
+    train(build_config(overrides={**TINY, "max_staleness": "1", "staleness_mode": "sync", "max_steps": "3",
+                                  "lr": "3e-3", "tis_cap": "1.02", "tis_mode": "token_mask", "tis_min": "0.98",
+                                  "output_dir": str(out)}))
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["is/masked_frac"] == 0.0  # step 1: sampled by the weights the updates start from
+    assert rows[-1]["async/staleness"] == 1.0 and rows[-1]["is/masked_frac"] > 0.0
+    assert rows[-1]["mismatch/abs_log_ratio_mean"] > 0.0
