@@ -25,7 +25,14 @@ tokens of the generation batch / its whole wall time. The two alternate REPEATS 
 goes first swaps every round); medians are reported, with the load average during the run (the 2-core
 machine is shared).
 
-Run: .venv/bin/python bench/vs_trl.py [--repeats 3] [--precision fp32|bf16]   (2-3 minutes on 2 shared cores)
+Asynchronous rows (`--staleness 1,2`): ours with max_staleness=K, staleness_mode=async: the trainer
+(one torch thread) and the sampler process (one torch thread) share the two cores; TRL gets `--threads`
+torch threads (default 1; 2 gives it both cores). Memory: the summed PSS of every process of a trainer
+(ours: trainer + sampler), read from /proc/PID/smaps_rollup at the end of the last step, beside peak RSS.
+The last line reads `async K=1 vs TRL: <ratio>x per generation batch, memory <ratio>x`.
+
+Run: .venv/bin/python bench/vs_trl.py [--repeats 3] [--precision fp32|bf16] [--staleness 1,2] [--threads 2]
+(2-3 minutes per variant on 2 cores)
 """
 
 from __future__ import annotations
@@ -53,6 +60,14 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
+def pss_mb(pid: int) -> float:
+    """Proportional set size of one process (shared pages split between their users), MB."""
+    for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+        if line.startswith("Pss:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
 def save_model_folder(path: Path) -> None:
     from sapo.data import BUILTIN_ALPHABET
     from sapo.models.char_tokenizer import build_char_tokenizer
@@ -68,20 +83,33 @@ def save_model_folder(path: Path) -> None:
 # Children: one trainer each
 
 
-def run_ours(model_dir: Path, work: Path, precision: str) -> dict:
+def run_ours(model_dir: Path, work: Path, precision: str, threads: int = 1, staleness: int = 0) -> dict:
     from sapo.config import build_config
     from sapo.train import train
+    from sapo.training import async_sampler
+
+    pss = {"mb": float("nan")}
+    close = async_sampler.AsyncSampler.close
+
+    def measured_close(self):  # the sampler process is still alive: both PSS now
+        pss["mb"] = pss_mb(os.getpid()) + pss_mb(self.process.pid)
+        close(self)
+
+    async_sampler.AsyncSampler.close = measured_close
 
     cfg = build_config(None, {
         "model": str(model_dir), "dataset": "builtin:arith", "train_size": TRAIN_SIZE, "rewards": ["math"],
         "prompts_per_step": PROMPTS, "num_generations": GENERATIONS, "num_minibatches": MINIBATCHES,
         "micro_batch_size": 0, "max_completion_length": MAX_NEW, "temperature": 1.0, "loss_type": "sapo",
         "beta": 0.0, "lr": LR, "max_grad_norm": 1.0, "max_steps": WARMUP + MEASURED, "eval_steps": 0,
-        "save_steps": 0, "threads": 1, "progress": False, "report": False, "tensorboard": False,
-        "log_samples": 0, "output_dir": str(work / "ours"), "seed": 0,
-        "autocast_bf16": "on" if precision == "bf16" else "off",
+        "save_steps": 0, "threads": 1 if staleness else threads, "progress": False, "report": False,
+        "tensorboard": False, "log_samples": 0, "output_dir": str(work / "ours"), "seed": 0,
+        "autocast_bf16": "on" if precision == "bf16" else "off", "max_staleness": staleness,
+        "staleness_mode": "async",
     })
     train(cfg)
+    if not staleness:
+        pss["mb"] = pss_mb(os.getpid())
     rows = [json.loads(line) for line in (work / "ours" / "metrics.jsonl").read_text().splitlines()]
     rows = [r for r in rows if r["step"] > WARMUP]
     batch_s = [r["time/step"] for r in rows]
@@ -89,11 +117,12 @@ def run_ours(model_dir: Path, work: Path, precision: str) -> dict:
     return {
         "batch_s": batch_s, "tokens": tokens,
         "rollout_s": [r["time/rollout"] for r in rows], "old_s": [r["time/old_logprobs"] for r in rows],
-        "update_s": [r["time/update"] for r in rows], "peak_rss_mb": peak_rss_mb(),
+        "update_s": [r["time/update"] for r in rows], "peak_rss_mb": peak_rss_mb(), "pss_mb": pss["mb"],
+        "trainer_wait_s": [r.get("async/trainer_wait_s", 0.0) for r in rows],
     }
 
 
-def run_trl(model_dir: Path, work: Path, precision: str) -> dict:
+def run_trl(model_dir: Path, work: Path, precision: str, threads: int = 1) -> dict:
     import torch
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -103,7 +132,7 @@ def run_trl(model_dir: Path, work: Path, precision: str) -> dict:
     from sapo.models.loading import load_model
     from sapo.rewards import math_reward
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(threads)
     model, tokenizer = load_model(model_dir, dtype="float32")
     args = GRPOConfig(
         output_dir=str(work / "trl"), use_cpu=True, per_device_train_batch_size=PROMPTS * GENERATIONS // MINIBATCHES,
@@ -158,12 +187,16 @@ def run_trl(model_dir: Path, work: Path, precision: str) -> dict:
     return {
         "batch_s": batch_s, "tokens": [g["tokens"] for g in measured],
         "generate_score_old_s": [g["s"] for g in measured], "rollout_s": rollout_s[WARMUP:],
-        "peak_rss_mb": peak_rss_mb(),
+        "peak_rss_mb": peak_rss_mb(), "pss_mb": pss_mb(os.getpid()),
     }
 
 
-def child(which: str, model_dir: str, work: str, precision: str) -> None:
-    result = (run_ours if which == "ours" else run_trl)(Path(model_dir), Path(work), precision)
+def child(which: str, model_dir: str, work: str, precision: str, threads: str) -> None:
+    if which == "trl":
+        result = run_trl(Path(model_dir), Path(work), precision, int(threads))
+    else:  # "ours" or "ours-async<K>"
+        staleness = int(which.removeprefix("ours-async") or 0) if which != "ours" else 0
+        result = run_ours(Path(model_dir), Path(work), precision, int(threads), staleness)
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -171,13 +204,13 @@ def child(which: str, model_dir: str, work: str, precision: str) -> None:
 # Parent: alternate the two, report medians
 
 
-def spawn(which: str, model_dir: Path, root: Path, index: int, precision: str) -> dict:
+def spawn(which: str, model_dir: Path, root: Path, index: int, precision: str, threads: int) -> dict:
     work = root / f"{which}-{index}"
     work.mkdir()
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": str(threads), "TOKENIZERS_PARALLELISM": "false",
            "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run([sys.executable, __file__, "--child", which, str(model_dir), str(work), precision],
-                          capture_output=True, text=True, env=env)
+    proc = subprocess.run([sys.executable, __file__, "--child", which, str(model_dir), str(work), precision,
+                           str(threads)], capture_output=True, text=True, env=env)
     lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
     if proc.returncode != 0 or not lines:
         raise RuntimeError(f"{which} child failed (exit {proc.returncode}):\n{proc.stderr[-4000:]}")
@@ -190,35 +223,43 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                         help="fp32: both in float32 (TRL bf16=False); bf16: TRL's default bf16=True (autocast, "
                              "generation included) against ours with autocast_bf16=on (log-prob passes only)")
+    parser.add_argument("--staleness", default="", help="comma-separated max_staleness values for async rows")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads of TRL and of our synchronous loop (the async rows use 1 + 1)")
     args = parser.parse_args()
     import torch
     import transformers
     import trl
 
-    runs: dict[str, list[dict]] = {"ours": [], "trl": []}
+    variants = ["ours", "trl"] + [f"ours-async{k}" for k in (int(v) for v in args.staleness.split(",") if v)]
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
     loads = [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory(prefix="sapo-vs-trl-") as tmp:
         root = Path(tmp)
         save_model_folder(root / "model")
         for repeat in range(args.repeats):
-            for which in ("ours", "trl") if repeat % 2 == 0 else ("trl", "ours"):
-                result = spawn(which, root / "model", root, repeat, args.precision)
+            order = variants if repeat % 2 == 0 else variants[::-1]  # who goes first swaps every round
+            for which in order:
+                result = spawn(which, root / "model", root, repeat, args.precision, args.threads)
                 runs[which].append(result)
                 loads.append(os.getloadavg()[0])
-                print(f"  {which:<4} run {repeat}: {statistics.median(result['batch_s']):.2f} s/generation batch, "
-                      f"peak RSS {result['peak_rss_mb']:.0f} MB, load {loads[-1]:.2f}", flush=True)
+                print(f"  {which:<12} run {repeat}: {statistics.median(result['batch_s']):.2f} s/generation batch, "
+                      f"peak RSS {result['peak_rss_mb']:.0f} MB, PSS {result['pss_mb']:.0f} MB, load {loads[-1]:.2f}",
+                      flush=True)
 
     def summary(which: str) -> dict[str, float]:
         batch = [s for r in runs[which] for s in r["batch_s"]]
         speed = [n / s for r in runs[which] for n, s in zip(r["tokens"], r["batch_s"])]
         out = {"batch": statistics.median(batch), "update": statistics.median(batch) / MINIBATCHES,
                "tok_s": statistics.median(speed), "tokens": statistics.median(n for r in runs[which] for n in r["tokens"]),
-               "rss": statistics.median(r["peak_rss_mb"] for r in runs[which])}
+               "rss": statistics.median(r["peak_rss_mb"] for r in runs[which]),
+               "pss": statistics.median(r["pss_mb"] for r in runs[which])}
         return out
 
     ours, theirs = summary("ours"), summary("trl")
     print(f"\nsapo (ours) vs TRL {trl.__version__} GRPOTrainer, torch {torch.__version__}, transformers "
-          f"{transformers.__version__}, CPU, 1 thread, precision {args.precision}; {args.repeats} subprocesses each x {MEASURED} measured "
+          f"{transformers.__version__}, CPU, {args.threads} torch thread(s) for TRL and our synchronous loop, "
+          f"precision {args.precision}; {args.repeats} subprocesses each x {MEASURED} measured "
           f"generation batches (after {WARMUP} warm-up); medians")
     print(f"generation batch: {PROMPTS} prompts x {GENERATIONS} = {PROMPTS * GENERATIONS} completions, "
           f"<= {MAX_NEW} new tokens, {MINIBATCHES} optimizer updates of {PROMPTS * GENERATIONS // MINIBATCHES}")
@@ -227,7 +268,7 @@ def main() -> None:
     print("-" * len(header))
     rows = [("s per optimizer step", "update", "{:.3f}"), ("s per generation batch", "batch", "{:.3f}"),
             ("completion tokens / batch", "tokens", "{:.0f}"), ("completion tokens/s", "tok_s", "{:.0f}"),
-            ("peak RSS MB", "rss", "{:.0f}")]
+            ("peak RSS MB", "rss", "{:.0f}"), ("PSS MB (all processes)", "pss", "{:.0f}")]
     for label, key, fmt in rows:
         print(f"{label:<28}{fmt.format(ours[key]):>10}{fmt.format(theirs[key]):>10}{theirs[key] / ours[key]:>10.2f}")
     parts = {k: statistics.median(s for r in runs["ours"] for s in r[k]) for k in ("rollout_s", "old_s", "update_s")}
@@ -239,12 +280,20 @@ def main() -> None:
           f"{MINIBATCHES} updates {theirs['batch'] - trl_gen:.3f} s")
     print(f"rollout completion tokens/s: ours {ours['tokens'] / parts['rollout_s']:.0f}, "
           f"TRL {theirs['tokens'] / trl_rollout:.0f}")
+    for which in variants[2:]:
+        k = which.removeprefix("ours-async")
+        mine = summary(which)
+        wait = statistics.median(s for r in runs[which] for s in r["trainer_wait_s"])
+        print(f"async K={k}: {mine['batch']:.3f} s per generation batch (trainer waited {wait:.3f} s for the "
+              f"sampler), {ours['batch'] / mine['batch']:.2f}x our synchronous loop, PSS {mine['pss']:.0f} MB")
+        print(f"async K={k} vs TRL: {theirs['batch'] / mine['batch']:.2f}x per generation batch, "
+              f"memory {mine['pss'] / theirs['pss']:.2f}x")
     print(f"load average (1 min) during the run: min {min(loads):.2f}, max {max(loads):.2f}, "
           f"median {statistics.median(loads):.2f} on {os.cpu_count()} cores (shared machine)")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) == 6 and sys.argv[1] == "--child":
+    if len(sys.argv) == 7 and sys.argv[1] == "--child":
         child(*sys.argv[2:])
     else:
         main()

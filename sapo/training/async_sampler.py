@@ -9,8 +9,11 @@ staleness_mode=async and staleness_mode=sync give the same rollouts, metrics and
     trainer:  send v0, ask 1 .. K+1 | train 1 | send v1, ask K+2 | train 2 | ...
     sampler:  sample 1, 2, ..., K+1 (v0)           | sample K+2 (v1) | ...
 
-The sampler process builds the model with the run's own config (`load_policy`), then takes the
-trainer's weights (all of them once, then only what trains: LoRA sends the adapters). Engines that
+The sampler process is forked where that is safe (CPU, or before CUDA starts): it starts with a
+copy-on-write copy of the trainer's memory, imports and model included, so it costs little more than
+the pages it writes. Otherwise it is spawned and builds the model from the run's own config
+(`load_policy`), then takes all the trainer's weights once. Then it takes each new version of what
+trains (LoRA: the adapters). Engines that
 only exist in the trainer process (registered at run time) cannot be used here; built-in and
 entry-point engines can.
 """
@@ -30,17 +33,26 @@ from sapo.training.staleness import RolloutRequest, Sampled, WeightHistory, samp
 POLL_S = 1.0  # how often a waiting trainer checks that the sampler process is alive
 
 
-def _serve(cfg, engine_name: str, threads: int, requests, results) -> None:
-    """The sampler process: apply weights and answer requests in order until told to stop."""
+def _serve(source, engine_name: str, threads: int, requests, results) -> None:
+    """The sampler process: apply weights and answer requests in order until told to stop.
+    source: the model itself (a forked process holds a copy-on-write copy of the trainer's memory), or the
+    run's config to build it from (a spawned process)."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the trainer handles Ctrl-C and stops us
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         if threads:
             torch.set_num_threads(threads)
         from sapo.rollout import make_engine
-        from sapo.training.policy import load_policy
 
-        policy = load_policy(cfg)
-        engine = make_engine(engine_name, policy.model)
+        if isinstance(source, torch.nn.Module):
+            model = source
+        else:
+            from sapo.training.policy import load_policy
+
+            model = load_policy(source).model
+        for p in model.parameters():
+            p.requires_grad_(False)
+        engine = make_engine(engine_name, model)
         waited = 0.0
         while True:
             t0 = time.perf_counter()
@@ -50,7 +62,7 @@ def _serve(cfg, engine_name: str, threads: int, requests, results) -> None:
                 return
             if kind == "weights":
                 version, named = payload
-                _load(engine, policy.model, named, version)
+                _load(engine, model, named, version)
                 continue
             (request,) = payload
             if engine.policy_version != request.version:
@@ -84,14 +96,18 @@ class AsyncSampler:
                  first_step: int, max_steps: int):
         self.history, self.make_request, self.max_steps = history, make_request, max_steps
         self.max_staleness = history.max_staleness
-        context = mp.get_context("spawn")
+        # fork where it is safe (no CUDA yet): the sampler shares the imports and the weights copy-on-write
+        # instead of loading both again (~330 MB of imports per process here); spawn otherwise
+        forked = "fork" in mp.get_all_start_methods() and not torch.cuda.is_initialized()
+        context = mp.get_context("fork" if forked else "spawn")
         self.requests, self.results = context.Queue(), context.Queue()
-        self.process = context.Process(target=_serve, args=(cfg, engine_name, cfg.threads, self.requests, self.results),
-                                       daemon=True, name="sapo-sampler")
+        source = model if forked else cfg
+        self.process = context.Process(target=_serve, args=(source, engine_name, cfg.threads, self.requests,
+                                                            self.results), daemon=True, name="sapo-sampler")
         self.process.start()
         self._sent_version: int | None = None
-        # the model as it is (frozen weights included), then each version the first K + 1 steps need
-        self.requests.put(("weights", -1, _shared(model.named_parameters())))
+        if not forked:  # the model as it is (frozen weights included); a forked copy has it already
+            self.requests.put(("weights", -1, _shared(model.named_parameters())))
         for step in range(first_step, min(first_step + self.max_staleness, max_steps) + 1):
             self._ask(step)
 
