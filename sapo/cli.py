@@ -1,11 +1,17 @@
-"""`sapo train | eval | report | compare`: the command line."""
+"""`sapo train | eval | report | compare`: the command line.
+
+Exit codes: 0 done (or nothing to do); 1 stopped by non-finite updates; 2 a problem the user fixes:
+config, data, another run holding output_dir, no intact checkpoint, storage (disk full, read-only,
+not a folder), reward functions that all fail; 130 a second Ctrl-C.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from sapo.config import ConfigError, build_config, help_text, parse_overrides
+from sapo.config import ConfigError, build_config, help_text, parse_overrides, read_config_file
+from sapo.storage import is_storage_error
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,16 +52,23 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = parse_overrides(args.overrides)
         cfg = build_config(args.config, overrides)
+        # resume=: the --config file's keys obey the same rule as the command line's (allowed keys
+        # apply, others are refused), so they travel with the command-line keys
+        given = {**(read_config_file(args.config) if args.config else {}), **overrides}
     except ConfigError as err:
         print(f"sapo {args.command}: config error: {err}", file=sys.stderr)
         return 2
+    from sapo.checkpoint import CheckpointError
+    from sapo.rewards.runner import RewardError
+    from sapo.storage import StorageError
+
     try:
         if args.command == "train":
             from sapo.distributed import destroy
             from sapo.train import NonFiniteError, train
 
             try:
-                train(cfg, overrides)
+                train(cfg, given)
             except NonFiniteError as err:
                 print(f"sapo train: stopped: {err}", file=sys.stderr)
                 return 1
@@ -63,15 +76,36 @@ def main(argv: list[str] | None = None) -> int:
                 destroy()  # leave the torchrun process group, if train joined one
         else:
             from sapo.evaluate import run_eval
+            from sapo.resume import eval_model_source
 
-            run_eval(cfg)
+            with eval_model_source(cfg) as eval_cfg:  # model=RUN/checkpoint-N works too
+                run_eval(eval_cfg)
     except ConfigError as err:
         print(f"sapo {args.command}: config error: {err}", file=sys.stderr)
+        return 2
+    except (StorageError, CheckpointError) as err:
+        kind = "storage" if isinstance(err, StorageError) else "checkpoint"
+        print(f"sapo {args.command}: {kind} error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except RewardError as err:
+        print(f"sapo {args.command}: reward error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        if not is_storage_error(err):
+            raise
+        from sapo.resume import storage_error_line
+
+        print(f"sapo {args.command}: storage error: {storage_error_line(err, cfg.resume or cfg.output_dir)}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"sapo {args.command}: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
 
 
 if __name__ == "__main__":

@@ -12,7 +12,6 @@ import math
 import random
 import signal
 import time
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -20,9 +19,10 @@ import torch
 
 from sapo import checkpoint as ckpt
 from sapo import distributed
-from sapo.config import ConfigError, TrainConfig, build_config, save_config
+from sapo.config import ConfigError, TrainConfig, save_config
 from sapo.evaluate import evaluate_items
 from sapo.models import routing as moe_routing
+from sapo.resume import RESUMABLE_OVERRIDES, resolve_resume, start_run  # noqa: F401  (re-exported)
 from sapo.rollout import make_engine
 from sapo.tracking import NullLogger, RunLogger
 from sapo.training.batch import (
@@ -33,7 +33,7 @@ from sapo.training.batch import (
     select_rows,
 )
 from sapo.training.policy import PolicyHandle, load_policy
-from sapo.training.tasks import TaskData, load_task
+from sapo.training.tasks import TaskData, load_examples, load_task
 
 NonFiniteError = ckpt.NonFiniteError  # raised when too many updates are non-finite (CLI exit 1)
 
@@ -150,10 +150,6 @@ class _StopFlag:
         return False
 
 
-RESUMABLE_OVERRIDES = {"max_steps", "threads", "progress", "eval_steps", "save_steps", "keep_checkpoints", "resume",
-                       "tensorboard", "report", "parallel"}
-
-
 def _check_data_parallel(cfg: TrainConfig, info: distributed.DistInfo) -> None:
     try:
         distributed.check_divisible(cfg.prompts_per_step, cfg.num_generations, cfg.num_minibatches, info.world_size)
@@ -166,51 +162,22 @@ def _check_data_parallel(cfg: TrainConfig, info: distributed.DistInfo) -> None:
         raise ConfigError("lora_rank > 0 with several processes needs parallel=ddp (FSDP here shards full weights)")
 
 
-def resolve_resume(cfg: TrainConfig, overrides: dict) -> tuple[TrainConfig, Path | None]:
-    """For resume=DIR: the saved config (plus the few overrides that may change) and the checkpoint."""
-    run_dir = Path(cfg.resume)
-    saved = run_dir / "config.yaml"
-    if not saved.exists():
-        raise ConfigError(f"resume={run_dir}: no config.yaml there; is it the output_dir of a sapo run?")
-    changed = set(overrides) - RESUMABLE_OVERRIDES
-    if changed:
-        raise ConfigError(
-            f"resume keeps the saved config; these keys cannot change on resume: {', '.join(sorted(changed))} "
-            f"(allowed: {', '.join(sorted(RESUMABLE_OVERRIDES - {'resume'}))})"
-        )
-    keep = {k: v for k, v in overrides.items() if k != "resume"}
-    new_cfg = build_config(saved, keep)
-    new_cfg.output_dir = str(run_dir)
-    new_cfg.resume = str(run_dir)
-    return new_cfg, ckpt.latest_checkpoint(run_dir)
-
-
 # ---------------------------------------------------------------------------------------------
 # The loop
 
 
 def train(cfg: TrainConfig, overrides: dict | None = None) -> dict:
     """Run the RL loop described by cfg; returns the last metrics row (with eval metrics)."""
-    checkpoint_path = None
-    if cfg.resume:
-        cfg, checkpoint_path = resolve_resume(cfg, overrides or {})
-        if checkpoint_path is None:
-            warnings.warn(
-                f"resume={cfg.output_dir}: no complete checkpoint found (the run stopped before its first "
-                "save); starting again from step 0", stacklevel=2,
-            )
-        elif (done := ckpt.read_trainer_state(checkpoint_path)["step"]) >= cfg.max_steps:
-            # say so before loading anything (raise max_steps on resume to train further)
-            print(f"[sapo] run in {cfg.output_dir} already finished at step {done} (max_steps={cfg.max_steps}); "
-                  "nothing to do", flush=True)
-            return {"step": done, "finished": True}
+    # [reliab] lock output_dir for the run's lifetime, resolve resume=, pick a verified checkpoint
+    with start_run(cfg, overrides) as run:  # sapo/resume.py
+        if run.finished:  # nothing to train (final_model/ rebuilt if it was missing)
+            return run.result
+        return _train(run.cfg, run.checkpoint)
+    # [/reliab]
+
+
+def _train(cfg: TrainConfig, checkpoint_path: Path | None) -> dict:
     out_dir = Path(cfg.output_dir)
-    if not cfg.resume and ckpt.list_checkpoints(out_dir):
-        raise ConfigError(
-            f"output_dir={out_dir} already holds a run with checkpoints; pass resume={out_dir} to continue it, "
-            "or choose another output_dir (nothing was overwritten)"
-        )
-    out_dir.mkdir(parents=True, exist_ok=True)
     info = distributed.init_distributed(cfg.parallel)  # torchrun: one rank per process (sapo/distributed.py)
     if info.enabled:
         _check_data_parallel(cfg, info)
@@ -219,9 +186,10 @@ def train(cfg: TrainConfig, overrides: dict | None = None) -> dict:
     _seed_everything(cfg.seed)
 
     # -- model, reference, data ---------------------------------------------------------------
+    examples = load_examples(cfg)  # [reliab] data errors surface before the model loads
     with distributed.main_first(info):  # rank 0 builds a built-in model's cache, the others read it
         policy: PolicyHandle = load_policy(cfg)
-    task: TaskData = load_task(cfg, policy.tokenizer, policy.processor)
+    task: TaskData = load_task(cfg, policy.tokenizer, policy.processor, examples=examples)  # [reliab] examples=
     model = policy.model
     if info.is_main:
         save_config(cfg, out_dir / "config.yaml")

@@ -67,12 +67,21 @@ def tokenize_examples(examples, tokenizer, cfg: TrainConfig, processor=None) -> 
     return items, too_long
 
 
-def load_task(cfg: TrainConfig, tokenizer, processor=None, *, eval_only: bool = False) -> TaskData:
+def load_examples(cfg: TrainConfig, *, eval_only: bool = False) -> tuple[list, list]:
+    """(train examples, eval examples), read and checked without a tokenizer: a bad data file is a
+    ConfigError before any model is built or loaded."""
     train_examples = [] if eval_only else _load_examples(cfg.dataset, cfg, "train", cfg.train_size)
     eval_spec = cfg.eval_dataset or (cfg.dataset if cfg.dataset in ("builtin:arith", "builtin:vl-digits") else "")
     eval_examples = _load_examples(eval_spec, cfg, "test", cfg.eval_num_problems) if eval_spec else []
     if cfg.eval_steps and eval_examples and len(eval_examples) > cfg.eval_num_problems:
         eval_examples = eval_examples[: cfg.eval_num_problems]
+    return train_examples, eval_examples
+
+
+def load_task(cfg: TrainConfig, tokenizer, processor=None, *, eval_only: bool = False,
+              examples: tuple[list, list] | None = None) -> TaskData:
+    """examples: what load_examples(cfg) returned, when the caller read the data first."""
+    train_examples, eval_examples = examples if examples is not None else load_examples(cfg, eval_only=eval_only)
     train, train_long = tokenize_examples(train_examples, tokenizer, cfg, processor)
     evals, eval_long = tokenize_examples(eval_examples, tokenizer, cfg, processor)
     if train_long or eval_long:
