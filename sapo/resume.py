@@ -161,8 +161,11 @@ def choose_checkpoint(run_dir: Path) -> Path | None:
                 warnings.warn(f"resume={run_dir}: {'; '.join(problems)}; resuming from {path.name}, the newest "
                               "intact checkpoint", stacklevel=3)
             return path
-        aside = ckpt.set_aside(path)
-        problems.append(f"{path.name} is damaged: {problem} (moved aside to {aside.name})")
+        if is_rank_zero():  # torchrun: one process renames, the others only skip it
+            aside = ckpt.set_aside(path)
+            problems.append(f"{path.name} is damaged: {problem} (moved aside to {aside.name})")
+        else:
+            problems.append(f"{path.name} is damaged: {problem}")
     if problems:
         raise ConfigError(
             f"resume={run_dir}: no intact checkpoint: {'; '.join(problems)}. Restore a checkpoint from a backup, or "

@@ -113,7 +113,7 @@ class RewardError(RuntimeError):
 
 class RewardRunner:
     def __init__(self, functions: Sequence[str | RewardFn], weights: Sequence[float] | None = None,
-                 timeout_s: float = 120.0, max_hung_threads: int = 4, max_failed_batches: int = 3):
+                 timeout_s: float = 120.0, max_hung_threads: int = 4, max_failed_batches: int | None = None):
         if not functions:
             raise ValueError("RewardRunner needs at least one reward function")
         weights = list(weights) if weights is not None else [1.0] * len(functions)
@@ -123,8 +123,9 @@ class RewardRunner:
             raise ValueError(f"timeout_s must be > 0 seconds, got {timeout_s}")
         self.timeout_s = timeout_s
         self.max_hung_threads = max_hung_threads
-        # every function failed: the batch's rewards are all 0.0 and teach nothing. A run whose rewards
-        # never worked stops at once; one that worked before, after max_failed_batches such batches in a row
+        # every function failed: the batch's rewards are all 0.0 and teach nothing. With max_failed_batches
+        # set (the training loop's runner), RewardError stops rewards that never worked at their first
+        # batch, and ones that worked before after max_failed_batches such batches in a row
         self.max_failed_batches = max_failed_batches
         self._failed_in_a_row, self._ever_succeeded = 0, False
         self.entries: list[_Entry] = []
@@ -197,6 +198,8 @@ class RewardRunner:
         return RewardOutput(total, columns, metrics)
 
     def _check_all_failed(self, failed: list[str]) -> None:
+        if self.max_failed_batches is None:
+            return
         if len(failed) < len(self.entries):
             self._failed_in_a_row, self._ever_succeeded = 0, True
             return

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from sapo.config import ConfigError, TrainConfig
 from sapo.rewards import RewardRunner, math_reward
 
+# every reward function failed on this many batches in a row (or on all batches so far): stop the run
+MAX_FAILED_REWARD_BATCHES = 3
+
 
 @dataclass
 class PromptItem:
@@ -89,6 +92,7 @@ def load_task(cfg: TrainConfig, tokenizer, processor=None, *, eval_only: bool = 
                       f"max_prompt_length={cfg.max_prompt_length} tokens", stacklevel=2)
     if not train and not eval_only:
         raise ConfigError(f"dataset {cfg.dataset!r} has no usable prompts (after skipping {train_long} too long)")
-    runner = RewardRunner(cfg.rewards, cfg.reward_weights or None, timeout_s=cfg.reward_timeout)
+    runner = RewardRunner(cfg.rewards, cfg.reward_weights or None, timeout_s=cfg.reward_timeout,
+                          max_failed_batches=MAX_FAILED_REWARD_BATCHES)
     return TaskData(train, evals, runner, math_reward,
                     {"prompt_too_long/train": train_long, "prompt_too_long/eval": eval_long})
