@@ -199,7 +199,7 @@ def make_room(output_dir: Path, keep: int) -> list[str]:
     return removed
 
 
-def _storage_error(err: OSError, output_dir: Path, final: Path, keep: int, retried: bool) -> StorageError:
+def _storage_error(err: OSError, output_dir: Path, final: Path) -> StorageError:
     newest = latest_checkpoint(output_dir)
     kept = (f"{newest.name} is intact, nothing was lost" if newest is not None else "no checkpoint was written yet")
     if err.errno not in DISK_FULL:
@@ -208,8 +208,10 @@ def _storage_error(err: OSError, output_dir: Path, final: Path, keep: int, retri
     free = free_bytes(output_dir)
     sizes = (f" (a checkpoint takes about {need / 2**20:.0f} MiB; {free / 2**20:.0f} MiB free)"
              if need is not None and free is not None else "")
-    how = ("free some space" + sizes + (", or resume with keep_checkpoints=1 to keep only the newest checkpoint"
-                                        if keep > 1 or not retried else ""))
+    how = "free some space" + sizes + (
+        ", or resume with keep_checkpoints=1 to keep only the newest checkpoint"
+        if len(list_checkpoints(output_dir)) > 1 else
+        " (a save needs room for one more checkpoint: the newest is never deleted before the next is complete)")
     return StorageError(f"disk full: cannot write {final.name}: {describe_os_error(err)}; {kept}. To continue, "
                         f"{how}, then: sapo train resume={output_dir}", err.errno)
 
@@ -253,16 +255,16 @@ def save_checkpoint(
         _write_checkpoint(final, step, contents)
     except OSError as err:
         if err.errno not in DISK_FULL:
-            raise _storage_error(err, output_dir, final, keep, retried=False) from None
+            raise _storage_error(err, output_dir, final) from None
         removed = make_room(output_dir, keep)
         if not removed:
-            raise _storage_error(err, output_dir, final, keep, retried=False) from None
+            raise _storage_error(err, output_dir, final) from None
         print(f"[sapo] disk full writing {final.name}: removed {', '.join(removed)} first "
               f"(keep_checkpoints={keep}) and trying again", flush=True)
         try:
             _write_checkpoint(final, step, contents)
         except OSError as err2:
-            raise _storage_error(err2, output_dir, final, keep, retried=True) from None
+            raise _storage_error(err2, output_dir, final) from None
     prune_checkpoints(output_dir, keep)
     return final
 

@@ -150,25 +150,28 @@ def _resumed_config(run_dir: Path, overrides: dict, *, rewards_off: bool = False
 
 
 def choose_checkpoint(run_dir: Path) -> Path | None:
-    """The newest checkpoint that verifies; each damaged newer one is moved aside with a warning
-    naming what was wrong. None when there is no checkpoint; ConfigError when none is intact."""
+    """The newest checkpoint that verifies; damaged newer ones are moved aside (`.damaged`) with a
+    warning naming what was wrong. None when the run has no checkpoint at all. ConfigError when none
+    is intact: then nothing is renamed, so the next attempt says the same, and a run that only has
+    damaged checkpoints is never silently restarted from step 0."""
     found = ckpt.list_checkpoints(run_dir)
-    problems = []
+    problems, damaged = [], []
     for _, path in reversed(found):
         problem = ckpt.verify_checkpoint(path)
         if problem is None:
+            if damaged and is_rank_zero():  # torchrun: one process renames, the others only skip them
+                problems = [f"{msg} (moved aside to {ckpt.set_aside(p).name})" for p, msg in zip(damaged, problems)]
             if problems:
                 warnings.warn(f"resume={run_dir}: {'; '.join(problems)}; resuming from {path.name}, the newest "
                               "intact checkpoint", stacklevel=3)
             return path
-        if is_rank_zero():  # torchrun: one process renames, the others only skip it
-            aside = ckpt.set_aside(path)
-            problems.append(f"{path.name} is damaged: {problem} (moved aside to {aside.name})")
-        else:
-            problems.append(f"{path.name} is damaged: {problem}")
-    if problems:
+        damaged.append(path)
+        problems.append(f"{path.name} is damaged: {problem}")
+    earlier = sorted(p.name for p in run_dir.glob("checkpoint-*.damaged*")) if run_dir.is_dir() else []
+    if problems or earlier:
+        listed = problems + [f"{name} was set aside by an earlier resume" for name in earlier]
         raise ConfigError(
-            f"resume={run_dir}: no intact checkpoint: {'; '.join(problems)}. Restore a checkpoint from a backup, or "
+            f"resume={run_dir}: no intact checkpoint: {'; '.join(listed)}. Restore a checkpoint from a backup, or "
             f"start the run over: move {run_dir} aside and run again without resume=")
     return None
 
@@ -293,7 +296,7 @@ def start_run(cfg: TrainConfig, overrides: dict | None = None) -> RunStart:
 def storage_error_line(err: OSError, output_dir: str | Path | None) -> str:
     """One line for a storage OSError raised anywhere in a run: the path, the cause, and the
     newest intact checkpoint to resume from."""
-    line = describe_os_error(err)
+    line = describe_os_error(err, None if err.filename or not output_dir else f"writing into {output_dir}")
     if output_dir:
         newest = ckpt.latest_checkpoint(output_dir)
         if newest is not None:

@@ -104,19 +104,24 @@ def write_file(path: str | Path, content: bytes | str | Callable[[Any], None]) -
     flushed and fsynced; returns its size and SHA-256. Raises the OSError the disk raised (ENOSPC,
     EROFS, ...), also where torch would only report `unexpected pos`."""
     path = Path(path)
-    with _open_for_write(path) as handle:
-        writer = _HashingWriter(handle)
-        try:
-            if callable(content):
-                content(writer)
-            else:
-                writer.write(content.encode() if isinstance(content, str) else content)
-            handle.flush()
-            os.fsync(handle.fileno())
-        except RuntimeError as err:
-            if writer.error is not None:  # torch's "unexpected pos": the real cause is the OSError
-                raise writer.error from err
-            raise
+    try:
+        with _open_for_write(path) as handle:
+            writer = _HashingWriter(handle)
+            try:
+                if callable(content):
+                    content(writer)
+                else:
+                    writer.write(content.encode() if isinstance(content, str) else content)
+                handle.flush()
+                os.fsync(handle.fileno())
+            except RuntimeError as err:
+                if writer.error is not None:  # torch's "unexpected pos": the real cause is the OSError
+                    raise writer.error from err
+                raise
+    except OSError as err:
+        if err.filename is None:  # a failed write() names no file: say which one
+            raise OSError(err.errno, err.strerror, str(path)) from err
+        raise
     return Written(writer.size, writer.sha256.hexdigest())
 
 

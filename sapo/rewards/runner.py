@@ -211,7 +211,7 @@ class RewardRunner:
                 else "on every batch so far")
         raise RewardError(f"every reward function failed {when} ({counts}; the first failure of each was logged "
                           "as a warning above): the rewards would all be 0.0. Fix the reward function(s) and "
-                          "resume from the last checkpoint")
+                          "run again (or resume from the last checkpoint, if one was saved)")
 
     def metrics(self) -> dict[str, float]:
         out = {}

@@ -83,6 +83,10 @@ def test_no_intact_checkpoint_exits_2_naming_the_path_and_what_to_do(tmp_path, c
     assert f"resume={tmp_path}: no intact checkpoint" in err
     assert "checkpoint-000002 is damaged: model.pt is empty" in err and "checkpoint-000001 is damaged" in err
     assert "Restore a checkpoint from a backup, or start the run over" in err
+    # nothing was renamed: a second attempt says the same (it never restarts the run from step 0)
+    assert [s for s, _ in ckpt.list_checkpoints(tmp_path)] == [1, 2]
+    assert main(["train", f"resume={tmp_path}"]) == 2
+    assert "checkpoint-000002 is damaged: model.pt is empty" in capsys.readouterr().err
 
 
 def test_rng_states_need_no_pickle(tmp_path):
