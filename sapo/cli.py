@@ -11,7 +11,7 @@ import argparse
 import sys
 
 from sapo.config import ConfigError, build_config, help_text, parse_overrides, read_config_file
-from sapo.storage import is_storage_error
+from sapo.storage import storage_cause
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -90,12 +90,13 @@ def main(argv: list[str] | None = None) -> int:
     except RewardError as err:
         print(f"sapo {args.command}: reward error: {_one_line(err)}", file=sys.stderr)
         return 2
-    except OSError as err:
-        if not is_storage_error(err):
+    except Exception as err:  # a full disk or read-only folder, however the library that wrote reported it
+        cause = storage_cause(err)
+        if cause is None:
             raise
         from sapo.resume import storage_error_line
 
-        print(f"sapo {args.command}: storage error: {storage_error_line(err, cfg.resume or cfg.output_dir)}",
+        print(f"sapo {args.command}: storage error: {storage_error_line(cause, cfg.resume or cfg.output_dir)}",
               file=sys.stderr)
         return 2
     except KeyboardInterrupt:

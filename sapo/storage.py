@@ -12,6 +12,7 @@ import errno
 import hashlib
 import io
 import os
+import re
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -53,8 +54,22 @@ def describe_os_error(err: OSError, path: str | Path | None = None) -> str:
     return f"{where}: {cause}"
 
 
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")  # safetensors (Rust) reports "... (os error 28)"
+
+
+def storage_cause(err: BaseException) -> OSError | None:
+    """The storage OSError behind err (itself, or the one a library folded into its message), or None."""
+    if isinstance(err, OSError):
+        return err if err.errno in CAUSES else None
+    match = _RUST_OS_ERROR.search(str(err))
+    if match and int(match.group(1)) in CAUSES:
+        code = int(match.group(1))
+        return OSError(code, os.strerror(code))
+    return None
+
+
 def is_storage_error(err: BaseException) -> bool:
-    return isinstance(err, OSError) and err.errno in CAUSES
+    return storage_cause(err) is not None
 
 
 def free_bytes(path: str | Path) -> int | None:

@@ -173,6 +173,35 @@ def test_disk_full_mid_run_is_one_line_and_keeps_what_was_written(run_copy, monk
     assert not list(run_copy.glob("*.tmp")) and not (run_copy / "sapo.lock").exists()
 
 
+def test_disk_full_outside_checkpoints_is_one_line_too(run_copy, monkeypatch, capsys):
+    """metrics.jsonl (a plain OSError) and final_model/ (safetensors folds the errno into its message)."""
+    from sapo.tracking import RunLogger
+    from sapo.training.policy import PolicyHandle
+
+    def full_log(self, step, metrics):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(RunLogger, "log", full_log)
+    assert cli(["train", f"resume={run_copy}", "max_steps=3"]) == 2
+    err = capsys.readouterr().err
+    _one_line(err, f"sapo train: storage error: writing into {run_copy}: no space left on the device; "
+              f"checkpoint-000002 is intact: after fixing this, sapo train resume={run_copy}")
+    monkeypatch.undo()
+
+    def full_final(self, path, state_dict=None):
+        (pathlib.Path(path) / "model.safetensors").write_bytes(b"half")
+        raise RuntimeError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(PolicyHandle, "save_final", full_final)
+    shutil.rmtree(run_copy / "final_model")
+    assert cli(["train", f"resume={run_copy}"]) == 2
+    _one_line(capsys.readouterr().err, "sapo train: storage error: ")
+    assert not (run_copy / "final_model").exists() and not (run_copy / "final_model.tmp").exists()
+    monkeypatch.undo()
+    assert cli(["train", f"resume={run_copy}"]) == 0  # space freed: the model is rebuilt
+    assert (run_copy / "final_model" / "config.json").is_file()
+
+
 # -- 5. final_model/ and eval of a checkpoint ------------------------------------------------------
 
 
