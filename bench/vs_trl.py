@@ -83,7 +83,8 @@ def save_model_folder(path: Path) -> None:
 # Children: one trainer each
 
 
-def run_ours(model_dir: Path, work: Path, precision: str, threads: int = 1, staleness: int = 0) -> dict:
+def run_ours(model_dir: Path, work: Path, precision: str, threads: int = 1, staleness: int = 0,
+             old_logprobs: str = "recompute") -> dict:
     from sapo.config import build_config
     from sapo.train import train
     from sapo.training import async_sampler
@@ -105,7 +106,7 @@ def run_ours(model_dir: Path, work: Path, precision: str, threads: int = 1, stal
         "save_steps": 0, "threads": 1 if staleness else threads, "progress": False, "report": False,
         "tensorboard": False, "log_samples": 0, "output_dir": str(work / "ours"), "seed": 0,
         "autocast_bf16": "on" if precision == "bf16" else "off", "max_staleness": staleness,
-        "staleness_mode": "async",
+        "staleness_mode": "async", "old_logprobs": old_logprobs,
     })
     train(cfg)
     if not staleness:
@@ -194,9 +195,10 @@ def run_trl(model_dir: Path, work: Path, precision: str, threads: int = 1) -> di
 def child(which: str, model_dir: str, work: str, precision: str, threads: str) -> None:
     if which == "trl":
         result = run_trl(Path(model_dir), Path(work), precision, int(threads))
-    else:  # "ours" or "ours-async<K>"
-        staleness = int(which.removeprefix("ours-async") or 0) if which != "ours" else 0
-        result = run_ours(Path(model_dir), Path(work), precision, int(threads), staleness)
+    else:  # "ours", "ours-async<K>" or "ours-async<K>-sampler" (pi_old = the sampler's log-probs)
+        staleness = int(which.removeprefix("ours-async").removesuffix("-sampler") or 0) if which != "ours" else 0
+        old = "sampler" if which.endswith("-sampler") else "recompute"
+        result = run_ours(Path(model_dir), Path(work), precision, int(threads), staleness, old)
     print("RESULT " + json.dumps(result), flush=True)
 
 
@@ -223,7 +225,8 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                         help="fp32: both in float32 (TRL bf16=False); bf16: TRL's default bf16=True (autocast, "
                              "generation included) against ours with autocast_bf16=on (log-prob passes only)")
-    parser.add_argument("--staleness", default="", help="comma-separated max_staleness values for async rows")
+    parser.add_argument("--staleness", default="", help="comma-separated max_staleness values for async rows (the "
+                        "first also with old_logprobs=sampler, which skips the old log-prob forward)")
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads of TRL and of our synchronous loop (the async rows use 1 + 1)")
     args = parser.parse_args()
@@ -231,7 +234,8 @@ def main() -> None:
     import transformers
     import trl
 
-    variants = ["ours", "trl"] + [f"ours-async{k}" for k in (int(v) for v in args.staleness.split(",") if v)]
+    ks = [int(v) for v in args.staleness.split(",") if v]
+    variants = ["ours", "trl"] + [f"ours-async{k}" for k in ks] + [f"ours-async{k}-sampler" for k in ks[:1]]
     runs: dict[str, list[dict]] = {v: [] for v in variants}
     loads = [os.getloadavg()[0]]
     with tempfile.TemporaryDirectory(prefix="sapo-vs-trl-") as tmp:
@@ -281,7 +285,7 @@ def main() -> None:
     print(f"rollout completion tokens/s: ours {ours['tokens'] / parts['rollout_s']:.0f}, "
           f"TRL {theirs['tokens'] / trl_rollout:.0f}")
     for which in variants[2:]:
-        k = which.removeprefix("ours-async")
+        k = which.removeprefix("ours-async").replace("-sampler", " with old_logprobs=sampler")
         mine = summary(which)
         wait = statistics.median(s for r in runs[which] for s in r["trainer_wait_s"])
         print(f"async K={k}: {mine['batch']:.3f} s per generation batch (trainer waited {wait:.3f} s for the "

@@ -1,4 +1,11 @@
-"""`sapo train | eval | report | compare`: the command line."""
+"""`sapo train | eval | report | compare`: the command line.
+
+Exit codes: 0 done (or nothing to do); 1 a crash (an unexpected error, with its traceback); 2 a problem
+the user fixes: config, data, another run holding output_dir, no intact checkpoint, storage (disk full,
+read-only, not a folder), reward functions that all fail; 3 (EXIT_NONFINITE) stopped because too many
+updates in a row were non-finite (the last checkpoint is clean; lower lr or check the rewards); 130 a
+second Ctrl-C.
+"""
 
 from __future__ import annotations
 
@@ -6,11 +13,8 @@ import argparse
 import sys
 
 from sapo.checkpoint import EXIT_NONFINITE
-from sapo.config import ConfigError, build_config, help_text, parse_overrides
-
-# Exit codes: 0 done, 1 a crash (a bug or an unexpected error: a traceback), 2 a config or input error the
-# message says how to fix, 3 (EXIT_NONFINITE) stopped because too many updates in a row were non-finite
-# (the last checkpoint is clean; lower lr or check the rewards), 130 interrupted (Ctrl-C twice).
+from sapo.config import ConfigError, build_config, help_text, parse_overrides, read_config_file
+from sapo.storage import storage_cause
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,9 +55,16 @@ def main(argv: list[str] | None = None) -> int:
     try:
         overrides = parse_overrides(args.overrides)
         cfg = build_config(args.config, overrides)
+        # resume=: the --config file's keys obey the same rule as the command line's (allowed keys
+        # apply, others are refused), so they travel with the command-line keys
+        given = {**(read_config_file(args.config) if args.config else {}), **overrides}
     except ConfigError as err:
         print(f"sapo {args.command}: config error: {err}", file=sys.stderr)
         return 2
+    from sapo.checkpoint import CheckpointError
+    from sapo.rewards.runner import RewardError
+    from sapo.storage import StorageError
+
     try:
         if args.command == "train":
             from sapo import distributed
@@ -61,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             from sapo.train import NonFiniteError, train
 
             try:
-                result = train(cfg, overrides)
+                result = train(cfg, given)
                 if result.get("finished") and cfg.report and distributed.rank() == 0:
                     from sapo.report import write_report
 
@@ -73,15 +84,37 @@ def main(argv: list[str] | None = None) -> int:
                 destroy()  # leave the torchrun process group, if train joined one
         else:
             from sapo.evaluate import run_eval
+            from sapo.resume import eval_model_source
 
-            run_eval(cfg)
+            with eval_model_source(cfg) as eval_cfg:  # model=RUN/checkpoint-N works too
+                run_eval(eval_cfg)
     except ConfigError as err:
         print(f"sapo {args.command}: config error: {err}", file=sys.stderr)
+        return 2
+    except (StorageError, CheckpointError) as err:
+        kind = "storage" if isinstance(err, StorageError) else "checkpoint"
+        print(f"sapo {args.command}: {kind} error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except RewardError as err:
+        print(f"sapo {args.command}: reward error: {_one_line(err)}", file=sys.stderr)
+        return 2
+    except Exception as err:  # a full disk or read-only folder, however the library that wrote reported it
+        cause = storage_cause(err)
+        if cause is None:
+            raise
+        from sapo.resume import storage_error_line
+
+        print(f"sapo {args.command}: storage error: {storage_error_line(cause, cfg.resume or cfg.output_dir)}",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"sapo {args.command}: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
 
 
 if __name__ == "__main__":

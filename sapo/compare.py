@@ -209,7 +209,8 @@ def _command(spec: RunSpec, base: dict, run_dir: Path) -> list[str]:
     if list_checkpoints(run_dir):  # continue it; max_steps may have been raised since
         keep = {k: base[k] for k in ("max_steps", "eval_steps", "save_steps", "threads") if k in base}
         return head + [f"resume={run_dir}"] + [f"{k}={v}" for k, v in keep.items()] + [
-            "progress=false", "tensorboard=false", "report=false"]
+            "progress=false", "tensorboard=false", "report=false",
+            "trust_saved_rewards=true"]  # the study itself named these rewards when it started the run
     return head + [f"{k}={v}" for k, v in spec.overrides(base).items()] + [f"output_dir={run_dir}"]
 
 

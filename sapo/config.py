@@ -226,7 +226,11 @@ class TrainConfig:
     seed: int = _opt(0, "seed for data order, sampling and initialisation")
     save_steps: int = _opt(50, "checkpoint every N steps (and at the end; 0 = only at the end)")
     keep_checkpoints: int = _opt(2, "how many recent checkpoints to keep")
-    resume: str = _opt("", "output_dir of a run to continue from its last complete checkpoint")
+    resume: str = _opt("", "output_dir of a run to continue from its newest intact checkpoint")
+    trust_saved_rewards: bool = _opt(
+        False, "resume: run the user reward code (module:function, file.py:function) named in the saved "
+        "config.yaml; without it (or the same rewards= again) a resume imports no code you did not name",
+    )
     threads: int = _opt(0, "torch.set_num_threads (0 = torch's default)")
     parallel: str = _opt(
         "auto", "under torchrun with several processes: fsdp (FSDP2 on the decoder layers), ddp (replicated "
@@ -328,6 +332,14 @@ class TrainConfig:
         if self.old_logprobs == "sampler" and self.tis_cap > 0:
             raise ConfigError("tis_cap corrects trainer/sampler mismatch, which old_logprobs=sampler hides; "
                               "use one or the other")
+        if self.routing_replay != "none" and self.model in DENSE_BUILTINS:
+            raise ConfigError(f"routing_replay={self.routing_replay} needs a Mixture-of-Experts model; "
+                              f"{self.model} is dense (use routing_replay=none, or a -moe built-in model)")
+        if self.loss_type == "grpo_r2" and self.model in DENSE_BUILTINS:
+            raise ConfigError(f"loss_type=grpo_r2 replays MoE routing; {self.model} is dense "
+                              "(use loss_type=grpo, or a -moe built-in model)")
+        if not self.output_dir.strip():
+            raise ConfigError("output_dir is empty: name the folder the run writes to (e.g. output_dir=runs/my-run)")
         if self.loss_type == "grpo_r2":
             # GRPO-R2 is GRPO (clip 0.2/0.27) with routing replay: the preset implies the replay.
             self.routing_replay = "R2"
@@ -341,6 +353,9 @@ class TrainConfig:
     @property
     def rollout_batch_size(self) -> int:
         return self.prompts_per_step * self.num_generations
+
+
+DENSE_BUILTINS = ("builtin:arith-dense", "builtin:vl-digits")  # built-in models without a router
 
 
 class ConfigError(ValueError):
@@ -430,20 +445,36 @@ def parse_overrides(items: list[str]) -> dict[str, str]:
     return out
 
 
+def read_config_file(file: str | Path) -> dict[str, Any]:
+    """The key: value pairs of a YAML config file (nested groups flattened), not yet coerced.
+    yaml.safe_load: reading a config never runs code."""
+    path = Path(file)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        loaded = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file {path} cannot be read: {e}") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of key: value")
+    return _flatten(loaded)
+
+
+def coerce_value(key: str, value: Any) -> Any:
+    """One config value converted to its key's type (ConfigError for an unknown key or a bad value)."""
+    types_ = _field_types()
+    if key not in types_:
+        raise ConfigError(f"unknown config key {key!r}.{_did_you_mean(key)}")
+    return _coerce(key, value, types_[key])
+
+
 def build_config(file: str | Path | None = None, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """YAML file (optional) then overrides, coerced and validated."""
     values: dict[str, Any] = {}
     if file:
-        path = Path(file)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            loaded = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {path} must hold a mapping of key: value")
-        values.update(_flatten(loaded))
+        values.update(read_config_file(file))
     values.update(overrides or {})
     types_ = _field_types()
     kwargs = {}

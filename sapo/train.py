@@ -13,7 +13,6 @@ import math
 import random
 import signal
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,8 +21,9 @@ import torch
 
 from sapo import checkpoint as ckpt
 from sapo import distributed
-from sapo.config import ConfigError, TrainConfig, build_config, save_config
+from sapo.config import ConfigError, TrainConfig, save_config
 from sapo.evaluate import EvalSettings, evaluate_items
+from sapo.resume import RESUMABLE_OVERRIDES, resolve_resume, start_run  # noqa: F401  (re-exported)
 from sapo.rollout import RolloutEngine, make_engine
 from sapo.tracking import NullLogger, RunLogger
 from sapo.training import phases
@@ -32,10 +32,11 @@ from sapo.training.policy import Policy, load_policy
 from sapo.training.reference import make_reference
 from sapo.training.staleness import LaggedSampler, RolloutRequest, WeightHistory, sampling_version
 from sapo.training.state import PromptSampler, TrainerState
-from sapo.training.tasks import TaskData, load_task
+from sapo.training.tasks import TaskData, load_examples, load_task
 from sapo.training.teacher_forcing import ForwardSettings, TeacherForcing
 from sapo.training.update import UpdateSettings
 
+WEIGHT_HISTORY = "weight_history"  # checkpoint file of the weight versions a lagging sampler still needs
 NonFiniteError = ckpt.NonFiniteError  # raised when too many updates are non-finite (CLI exit 3)
 
 
@@ -116,10 +117,6 @@ class _StopFlag:
         return False
 
 
-RESUMABLE_OVERRIDES = {"max_steps", "threads", "progress", "eval_steps", "save_steps", "keep_checkpoints", "resume",
-                       "tensorboard", "report", "parallel"}
-
-
 def _check_data_parallel(cfg: TrainConfig, info: distributed.DistInfo) -> None:
     try:
         distributed.check_divisible(cfg.prompts_per_step, cfg.num_generations, cfg.num_minibatches, info.world_size)
@@ -128,27 +125,11 @@ def _check_data_parallel(cfg: TrainConfig, info: distributed.DistInfo) -> None:
     if cfg.drop_equal_groups:
         raise ConfigError("drop_equal_groups=true is not supported with several processes (ranks would hold "
                           "different row counts); their advantages are 0 anyway: use drop_equal_groups=false")
+    if cfg.max_staleness and info.parallel == "fsdp":
+        raise ConfigError("max_staleness > 0 with several processes needs parallel=ddp (the sampler's weight "
+                          "versions are kept whole, not sharded)")
     if cfg.lora_rank and info.parallel == "fsdp":
         raise ConfigError("lora_rank > 0 with several processes needs parallel=ddp (FSDP here shards full weights)")
-
-
-def resolve_resume(cfg: TrainConfig, overrides: dict) -> tuple[TrainConfig, Path | None]:
-    """For resume=DIR: the saved config (plus the few overrides that may change) and the checkpoint."""
-    run_dir = Path(cfg.resume)
-    saved = run_dir / "config.yaml"
-    if not saved.exists():
-        raise ConfigError(f"resume={run_dir}: no config.yaml there; is it the output_dir of a sapo run?")
-    changed = set(overrides) - RESUMABLE_OVERRIDES
-    if changed:
-        raise ConfigError(
-            f"resume keeps the saved config; these keys cannot change on resume: {', '.join(sorted(changed))} "
-            f"(allowed: {', '.join(sorted(RESUMABLE_OVERRIDES - {'resume'}))})"
-        )
-    keep = {k: v for k, v in overrides.items() if k != "resume"}
-    new_cfg = build_config(saved, keep)
-    new_cfg.output_dir = str(run_dir)
-    new_cfg.resume = str(run_dir)
-    return new_cfg, ckpt.latest_checkpoint(run_dir)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -181,25 +162,16 @@ class Run:
 def train(cfg: TrainConfig, overrides: dict | None = None) -> dict:
     """Run the RL loop described by cfg; returns the last metrics row (with eval metrics) and
     "finished" (max_steps reached). The run report is the CLI's job (`sapo report DIR` rewrites it)."""
-    checkpoint_path = None
-    if cfg.resume:
-        cfg, checkpoint_path = resolve_resume(cfg, overrides or {})
-        if checkpoint_path is None:
-            warnings.warn(
-                f"resume={cfg.output_dir}: no complete checkpoint found (the run stopped before its first "
-                "save); starting again from step 0", stacklevel=2,
-            )
-        elif (done := ckpt.read_trainer_state(checkpoint_path)["step"]) >= cfg.max_steps:
-            # say so before loading anything (raise max_steps on resume to train further)
-            print(f"[sapo] run in {cfg.output_dir} already finished at step {done} (max_steps={cfg.max_steps}); "
-                  "nothing to do", flush=True)
-            return {"step": done, "finished": True}
-    run = setup(cfg, checkpoint_path)
-    try:
-        return _loop(run)
-    finally:
-        if run.lagged is not None:
-            run.lagged.close()  # the sampler process, if any
+    # lock output_dir for the run's lifetime, resolve resume=, pick a verified checkpoint (sapo/resume.py)
+    with start_run(cfg, overrides) as start:
+        if start.finished:  # nothing to train (final_model/ rebuilt if it was missing)
+            return start.result
+        run = setup(start.cfg, start.checkpoint)
+        try:
+            return _loop(run)
+        finally:
+            if run.lagged is not None:
+                run.lagged.close()  # the sampler process, if any
 
 
 def _loop(run: Run) -> dict:
@@ -320,13 +292,7 @@ def rl_step(run: Run) -> tuple[dict[str, float], list[dict]]:
 
 def setup(cfg: TrainConfig, checkpoint_path: Path | None) -> Run:
     """Build everything the loop reads: model, data, engine, optimizer; restore a checkpoint."""
-    out_dir = Path(cfg.output_dir)
-    if not cfg.resume and ckpt.list_checkpoints(out_dir):
-        raise ConfigError(
-            f"output_dir={out_dir} already holds a run with checkpoints; pass resume={out_dir} to continue it, "
-            "or choose another output_dir (nothing was overwritten)"
-        )
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = Path(cfg.output_dir)  # start_run locked and checked it
     info = distributed.init_distributed(cfg.parallel)  # torchrun: one rank per process (sapo/distributed.py)
     if info.enabled:
         _check_data_parallel(cfg, info)
@@ -334,9 +300,10 @@ def setup(cfg: TrainConfig, checkpoint_path: Path | None) -> Run:
         torch.set_num_threads(cfg.threads)
     _seed_everything(cfg.seed)
 
+    examples = load_examples(cfg)  # data errors surface before the model loads
     with distributed.main_first(info):  # rank 0 builds a built-in model's cache, the others read it
         policy = load_policy(cfg)
-    task = load_task(cfg, policy.tokenizer, policy.processor)
+    task = load_task(cfg, policy.tokenizer, policy.processor, examples=examples)
     model = policy.model
     if info.is_main:
         save_config(cfg, out_dir / "config.yaml")
@@ -363,8 +330,7 @@ def setup(cfg: TrainConfig, checkpoint_path: Path | None) -> Run:
             state.reward_counters = {}  # saved summed over ranks: rank 0 carries them
         print(f"[sapo] resuming {out_dir} from step {state.step}", flush=True)
     engine = make_engine(cfg.engine, model)  # K = 0: the rollouts; always: evaluation
-    if engine.owns_weights:
-        phases.sync_weights(engine, model, version=state.step)
+    phases.sync_weights(engine, model, version=state.step)  # the version a resumed engine holds, too
     run = Run(
         cfg=cfg, info=info, out_dir=out_dir, policy=policy, task=task, engine=engine,
         forward=TeacherForcing(ForwardSettings.from_config(cfg), pad_token_id=policy.pad_token_id,
@@ -382,11 +348,15 @@ def setup(cfg: TrainConfig, checkpoint_path: Path | None) -> Run:
 def _lagged_sampler(run: Run, checkpoint_path: Path | None) -> LaggedSampler | AsyncSampler:
     """max_staleness = K > 0: the weight versions the coming steps sample with, and what samples them."""
     cfg, model = run.cfg, run.policy.model
-    if checkpoint_path is not None:
-        raise ConfigError("resuming a run with max_staleness > 0 is not supported yet: its checkpoints do not "
-                          "hold the older weight versions; start it again, or train with max_staleness=0")
     history = WeightHistory(cfg.max_staleness)
-    history.record(0, model)
+    if checkpoint_path is None:
+        history.record(0, model)
+    else:  # the versions the next K + 1 steps sample with, saved beside the weights
+        try:
+            history.load_state(ckpt.load_extra(checkpoint_path, WEIGHT_HISTORY))
+        except ckpt.CheckpointError as err:
+            raise ConfigError(f"resume: {checkpoint_path} holds no older weight versions for max_staleness="
+                              f"{cfg.max_staleness} ({err})") from None
     if cfg.staleness_mode == "async":
         return AsyncSampler(cfg, cfg.engine, model, history, lambda step: rollout_request(run, step),
                             first_step=run.state.step + 1, max_steps=cfg.max_steps)
@@ -447,6 +417,7 @@ def save(run: Run) -> None:
             run.out_dir, state.step, model=model, optimizer=run.optimizer, scheduler=run.scheduler,
             trainer_state=saved.to_dict(), generators={"rollout": run.rollout_gen},
             keep=run.cfg.keep_checkpoints, full_state=full_state,
+            extra={WEIGHT_HISTORY: run.lagged.history.state()} if run.lagged is not None else None,
         )
 
 

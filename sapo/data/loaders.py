@@ -65,9 +65,11 @@ def row_to_example(row: Any, prompt_field: str, answer_field: str, *, images_fie
     if not isinstance(row, dict):
         raise RowError("not_an_object", f"row is a JSON {type(row).__name__}, expected an object {{...}}")
     for name in (prompt_field, answer_field):
-        if name not in row or row[name] is None:
+        if name not in row:
             raise RowError(f"missing field '{name}'",
                            f"missing field '{name}' (fields in this row: {', '.join(sorted(row)) or 'none'})")
+        if row[name] is None:
+            raise RowError(f"null field '{name}'", f"field '{name}' is null")
     prompt = check_prompt(row[prompt_field])
     if answer_fn is None:
         answer = answer_to_text(row[answer_field])
@@ -142,7 +144,8 @@ def _collect(rows: Iterator[tuple[int, Any, str | None]], where: str, path: Path
             message = f"{path}: {where} {number}: {err}"
             if on_error == "raise":
                 raise DataError(f"{message}. Fix that {where}, choose other fields with "
-                                f"prompt_field=/answer_field=, or pass on_error='skip' to skip bad rows") from None
+                                f"prompt_field=/answer_field=, or skip bad rows (data_on_error=skip; on_error='skip' "
+                                "from Python)") from None
             examples.skipped[err.reason] = examples.skipped.get(err.reason, 0) + 1
             first_error.setdefault(err.reason, message)
             continue

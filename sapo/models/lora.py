@@ -58,6 +58,7 @@ def apply_lora(
             raise ValueError(
                 "LoRA on lm_head/embed_tokens is not supported (the hidden-state log-prob path reads the plain weight)"
             )
+    _check_targets(model, modules, target_parameters)
     config = peft.LoraConfig(
         r=rank,
         lora_alpha=alpha,
@@ -67,6 +68,27 @@ def apply_lora(
         bias="none",
     )
     return peft.get_peft_model(model, config)
+
+
+def _check_targets(model: nn.Module, modules: Sequence[str] | str, parameters: Sequence[str] | None) -> None:
+    """Each target name must match a module (or parameter) name's suffix, as peft matches them;
+    otherwise a ValueError naming what the model does have (peft's own error is a traceback deep inside it)."""
+    def matches(target: str, names: list[str]) -> bool:
+        return any(n == target or n.endswith("." + target) for n in names)
+
+    if not isinstance(modules, str):
+        names = [n for n, _ in model.named_modules()]
+        missing = [t for t in modules if not matches(t, names)]
+        if missing:
+            linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, nn.Linear)})
+            raise ValueError(f"lora_target_modules {missing} match no module of {type(model).__name__}; "
+                             f"its linear layers are named {linear}")
+    if parameters:
+        names = [n for n, _ in model.named_parameters()]
+        missing = [t for t in parameters if not matches(t, names)]
+        if missing:
+            raise ValueError(f"lora_target_parameters {missing} match no parameter of {type(model).__name__} "
+                             "(e.g. mlp.experts.gate_up_proj for fused MoE experts)")
 
 
 @contextlib.contextmanager

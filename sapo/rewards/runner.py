@@ -107,9 +107,13 @@ class _Entry:
     hung: list[threading.Thread] = field(default_factory=list)
 
 
+class RewardError(RuntimeError):
+    """Every reward function failed on too many batches: training would learn from all-zero rewards."""
+
+
 class RewardRunner:
     def __init__(self, functions: Sequence[str | RewardFn], weights: Sequence[float] | None = None,
-                 timeout_s: float = 120.0, max_hung_threads: int = 4):
+                 timeout_s: float = 120.0, max_hung_threads: int = 4, max_failed_batches: int | None = None):
         if not functions:
             raise ValueError("RewardRunner needs at least one reward function")
         weights = list(weights) if weights is not None else [1.0] * len(functions)
@@ -119,6 +123,11 @@ class RewardRunner:
             raise ValueError(f"timeout_s must be > 0 seconds, got {timeout_s}")
         self.timeout_s = timeout_s
         self.max_hung_threads = max_hung_threads
+        # every function failed: the batch's rewards are all 0.0 and teach nothing. With max_failed_batches
+        # set (the training loop's runner), RewardError stops rewards that never worked at their first
+        # batch, and ones that worked before after max_failed_batches such batches in a row
+        self.max_failed_batches = max_failed_batches
+        self._failed_in_a_row, self._ever_succeeded = 0, False
         self.entries: list[_Entry] = []
         for spec, weight in zip(functions, weights):
             fn = load_reward_function(spec)
@@ -143,8 +152,8 @@ class RewardRunner:
         box: dict = {}
 
         def target():
-            try:
-                box["value"] = entry.fn(prompts, completions, answers)
+            try:  # copies: a function that changes its input lists must not change the others' (or the loop's)
+                box["value"] = entry.fn(list(prompts), list(completions), list(answers))
             except BaseException:
                 box["error"] = traceback.format_exc()
 
@@ -175,14 +184,34 @@ class RewardRunner:
         total = [0.0] * n
         columns: dict[str, list[float]] = {}
         metrics: dict[str, float] = {}
+        failed = []
         for entry in self.entries:
             values = self._call(entry, prompts, completions, answers)
+            if values is None:
+                failed.append(entry.name)
             column = values if values is not None else [0.0] * n
             columns[entry.name] = column
             total = [t + entry.weight * v for t, v in zip(total, column)]
             metrics[f"reward/{entry.name}/mean"] = sum(column) / n if n else 0.0
         metrics.update(self.metrics())
+        self._check_all_failed(failed)
         return RewardOutput(total, columns, metrics)
+
+    def _check_all_failed(self, failed: list[str]) -> None:
+        if self.max_failed_batches is None:
+            return
+        if len(failed) < len(self.entries):
+            self._failed_in_a_row, self._ever_succeeded = 0, True
+            return
+        self._failed_in_a_row += 1
+        if self._ever_succeeded and self._failed_in_a_row < self.max_failed_batches:
+            return
+        counts = ", ".join(f"{e.name}: {e.errors} errors, {e.timeouts} timeouts" for e in self.entries)
+        when = (f"on {self._failed_in_a_row} batches in a row" if self._ever_succeeded
+                else "on every batch so far")
+        raise RewardError(f"every reward function failed {when} ({counts}; the first failure of each was logged "
+                          "as a warning above): the rewards would all be 0.0. Fix the reward function(s) and "
+                          "run again (or resume from the last checkpoint, if one was saved)")
 
     def metrics(self) -> dict[str, float]:
         out = {}

@@ -20,6 +20,7 @@ entry-point engines can.
 
 from __future__ import annotations
 
+import os
 import queue
 import signal
 import time
@@ -53,10 +54,16 @@ def _serve(source, engine_name: str, threads: int, requests, results) -> None:
         for p in model.parameters():
             p.requires_grad_(False)
         engine = make_engine(engine_name, model)
-        waited = 0.0
+        waited, trainer = 0.0, os.getppid()
         while True:
             t0 = time.perf_counter()
-            kind, *payload = requests.get()
+            while True:
+                try:
+                    kind, *payload = requests.get(timeout=POLL_S)
+                    break
+                except queue.Empty:
+                    if os.getppid() != trainer:  # the trainer died (SIGKILL): nobody will stop us
+                        return
             waited += time.perf_counter() - t0
             if kind == "stop":
                 return

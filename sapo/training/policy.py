@@ -83,9 +83,12 @@ def load_policy(cfg: TrainConfig) -> Policy:
     if cfg.lora_rank:
         from sapo.models.lora import apply_lora
 
-        model = apply_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=0.0,
-                           target_modules=cfg.lora_target_modules,
-                           target_parameters=cfg.lora_target_parameters or None)
+        try:  # a target name the model lacks is a config error, not peft's traceback
+            model = apply_lora(model, rank=cfg.lora_rank, alpha=cfg.lora_alpha, dropout=0.0,
+                               target_modules=cfg.lora_target_modules,
+                               target_parameters=cfg.lora_target_parameters or None)
+        except ValueError as err:
+            raise ConfigError(f"model={cfg.model!r}: {err}") from None
     if cfg.freeze_router:
         routers = moe.moe_layers(model)
         if not routers:

@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 from sapo.config import ConfigError, TrainConfig
 from sapo.rewards import RewardRunner, math_reward
 
+# every reward function failed on this many batches in a row (or on all batches so far): stop the run
+MAX_FAILED_REWARD_BATCHES = 3
+
 
 @dataclass
 class PromptItem:
@@ -67,12 +70,21 @@ def tokenize_examples(examples, tokenizer, cfg: TrainConfig, processor=None) -> 
     return items, too_long
 
 
-def load_task(cfg: TrainConfig, tokenizer, processor=None, *, eval_only: bool = False) -> TaskData:
+def load_examples(cfg: TrainConfig, *, eval_only: bool = False) -> tuple[list, list]:
+    """(train examples, eval examples), read and checked without a tokenizer: a bad data file is a
+    ConfigError before any model is built or loaded."""
     train_examples = [] if eval_only else _load_examples(cfg.dataset, cfg, "train", cfg.train_size)
     eval_spec = cfg.eval_dataset or (cfg.dataset if cfg.dataset in ("builtin:arith", "builtin:vl-digits") else "")
     eval_examples = _load_examples(eval_spec, cfg, "test", cfg.eval_num_problems) if eval_spec else []
     if cfg.eval_steps and eval_examples and len(eval_examples) > cfg.eval_num_problems:
         eval_examples = eval_examples[: cfg.eval_num_problems]
+    return train_examples, eval_examples
+
+
+def load_task(cfg: TrainConfig, tokenizer, processor=None, *, eval_only: bool = False,
+              examples: tuple[list, list] | None = None) -> TaskData:
+    """examples: what load_examples(cfg) returned, when the caller read the data first."""
+    train_examples, eval_examples = examples if examples is not None else load_examples(cfg, eval_only=eval_only)
     train, train_long = tokenize_examples(train_examples, tokenizer, cfg, processor)
     evals, eval_long = tokenize_examples(eval_examples, tokenizer, cfg, processor)
     if train_long or eval_long:
@@ -80,6 +92,7 @@ def load_task(cfg: TrainConfig, tokenizer, processor=None, *, eval_only: bool = 
                       f"max_prompt_length={cfg.max_prompt_length} tokens", stacklevel=2)
     if not train and not eval_only:
         raise ConfigError(f"dataset {cfg.dataset!r} has no usable prompts (after skipping {train_long} too long)")
-    runner = RewardRunner(cfg.rewards, cfg.reward_weights or None, timeout_s=cfg.reward_timeout)
+    runner = RewardRunner(cfg.rewards, cfg.reward_weights or None, timeout_s=cfg.reward_timeout,
+                          max_failed_batches=MAX_FAILED_REWARD_BATCHES)
     return TaskData(train, evals, runner, math_reward,
                     {"prompt_too_long/train": train_long, "prompt_too_long/eval": eval_long})

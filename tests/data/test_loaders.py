@@ -98,7 +98,7 @@ def test_parquet_round_trip(tmp_path):
 
     path = tmp_path / "d.parquet"
     pq.write_table(pa.table({"problem": ["a", "b"], "answer": ["1", None]}), path)
-    with pytest.raises(DataError, match=r"d\.parquet: row 2: missing field 'answer'"):
+    with pytest.raises(DataError, match=r"d\.parquet: row 2: field 'answer' is null"):
         load_parquet(path, "problem")
     examples = load_parquet(path, "problem", on_error="skip")
     assert [(e.prompt, e.answer, e.meta["row"]) for e in examples] == [("a", "1", 1)]

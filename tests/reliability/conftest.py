@@ -23,7 +23,7 @@ TINY = [
 ]
 USER = "tests.reliability.user_rewards"
 # keys that measure wall time (or throughput): never identical between two runs
-TIMING_PREFIXES = ("time/", "tokens/completion_per_s")
+TIMING_PREFIXES = ("time/", "tokens/completion_per_s", "async/sync_s", "async/sampler_wait_s", "async/trainer_wait_s")
 
 
 @pytest.fixture(scope="session")

@@ -41,6 +41,9 @@ CASES = [
     (["rewards=[math,lenght]"], "reward function 'lenght': use a built-in name"),
     (["dataset=data.jsonl"], "set prompt_field=... and answer_field=..."),
     (["--config", "missing.yaml"], "config file missing.yaml does not exist"),
+    (["model=builtin:arith-dense", "routing_replay=R2"], "routing_replay=R2 needs a Mixture-of-Experts model; "
+     "builtin:arith-dense is dense"),
+    (["model=builtin:arith-dense", "loss_type=grpo_r2"], "loss_type=grpo_r2 replays MoE routing"),
 ]
 
 

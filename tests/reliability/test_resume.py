@@ -26,6 +26,7 @@ MAX_STEPS = 4
 # varied rewards (non-zero gradients), a KL reference (must survive resume), eval mid-run
 RUN = [*TINY, f"max_steps={MAX_STEPS}", "save_steps=1", "keep_checkpoints=2", "eval_steps=2", "beta=0.01",
        f"rewards=[math,{USER}:length_reward]"]
+TRUST = "trust_saved_rewards=true"  # the saved config names user reward code (test_run_safety.py)
 
 
 def _steps(out: Path) -> list[int]:
@@ -73,7 +74,7 @@ def test_interrupted_every_way_then_resumed_is_bit_identical(reference_run, sapo
     assert _steps(out) == [] and (out / "config.yaml").exists()
 
     # 2. resume: warns and starts from step 0; Ctrl-C in step 2 checkpoints step 2 and exits 0
-    proc = _signal_after_first_checkpoint(sapo_cache, out, [f"resume={out}"])
+    proc = _signal_after_first_checkpoint(sapo_cache, out, [f"resume={out}", TRUST])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "no complete checkpoint found" in proc.stderr and "starting again from step 0" in proc.stderr
     assert "interrupt: finishing this step" in proc.stdout and f"resume with: sapo train resume={out}" in proc.stdout
@@ -82,19 +83,19 @@ def test_interrupted_every_way_then_resumed_is_bit_identical(reference_run, sapo
     assert not (out / "final_model").exists()
 
     # 3. SIGKILL after part of checkpoint-3 is written: the partial folder is ignored
-    proc = run_sapo(sapo_cache, ["train", f"resume={out}"], SAPO_TEST_KILL_AT="checkpoint:3")
+    proc = run_sapo(sapo_cache, ["train", f"resume={out}", TRUST], SAPO_TEST_KILL_AT="checkpoint:3")
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert "resuming" in proc.stdout and f"from step {stopped}" in proc.stdout
     assert _steps(out) == [1, 2] and (out / "checkpoint-000003.tmp" / "model.pt").exists()
 
     # 4. SIGKILL in the middle of step 4 (after its first optimizer update)
-    proc = run_sapo(sapo_cache, ["train", f"resume={out}"], SAPO_TEST_KILL_AT="step:4")
+    proc = run_sapo(sapo_cache, ["train", f"resume={out}", TRUST], SAPO_TEST_KILL_AT="step:4")
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     assert _steps(out) == [2, 3] and not list(out.glob("*.tmp"))
     assert [r["step"] for r in metric_rows(out)] == [0, 1, 2, 3]
 
     # 5. the last resume finishes the run
-    proc = run_sapo(sapo_cache, ["train", f"resume={out}"])
+    proc = run_sapo(sapo_cache, ["train", f"resume={out}", TRUST])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "from step 3" in proc.stdout and (out / "final_model" / "config.json").exists()
 
@@ -108,7 +109,7 @@ def test_interrupted_every_way_then_resumed_is_bit_identical(reference_run, sapo
 
     # 6. resuming the finished run: says so, exits 0, touches nothing
     before = (out / "metrics.jsonl").read_text()
-    proc = run_sapo(sapo_cache, ["train", f"resume={out}"])
+    proc = run_sapo(sapo_cache, ["train", f"resume={out}"])  # a finished run imports no reward code: no trust
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert f"already finished at step {MAX_STEPS}" in proc.stdout
     assert (out / "metrics.jsonl").read_text() == before
@@ -152,7 +153,7 @@ def test_second_ctrl_c_aborts_at_once_and_the_run_resumes_exactly(reference_run,
     saved = _steps(out)
     assert saved and saved[-1] < MAX_STEPS and not list(out.glob("*.tmp"))
     assert not (out / "final_model").exists()
-    proc = run_sapo(sapo_cache, ["train", f"resume={out}"])
+    proc = run_sapo(sapo_cache, ["train", f"resume={out}", TRUST])
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [r["step"] for r in metric_rows(out)] == list(range(MAX_STEPS + 1))
     a, b = checkpoint_weights(out), checkpoint_weights(reference_run)

@@ -58,7 +58,8 @@ def test_resume_continues_with_same_step_count(tmp_path, sapo_cache):
     out = tmp_path / "res"
     cfg = build_config(overrides={**TINY, "output_dir": str(out), "max_steps": "2", "save_steps": "1"})
     train(cfg)
-    resumed = build_config(overrides={"resume": str(out), "max_steps": "4"})
+    # the saved config names a user reward module: a resume imports it only when told to
+    resumed = build_config(overrides={"resume": str(out), "max_steps": "4", "trust_saved_rewards": "true"})
     train(resumed, {"resume": str(out), "max_steps": "4"})
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
