@@ -49,3 +49,23 @@ def test_corrections_against_the_stale_sampler_are_applied_and_logged(tmp_path, 
     assert rows[0]["is/masked_frac"] == 0.0  # step 1: sampled by the weights the updates start from
     assert rows[-1]["async/staleness"] == 1.0 and rows[-1]["is/masked_frac"] > 0.0
     assert rows[-1]["mismatch/abs_log_ratio_mean"] > 0.0
+
+
+def test_lora_sends_only_the_adapters_and_async_still_equals_sync(tmp_path, sapo_cache, monkeypatch):
+    from sapo.training import staleness
+
+    kept = []
+    record = staleness.WeightHistory.record
+
+    def spy(self, version, model):
+        record(self, version, model)
+        kept.append(sorted(self.snapshots[version]))
+
+    monkeypatch.setattr(staleness.WeightHistory, "record", spy)
+    outs = {}
+    for mode in ("sync", "async"):
+        outs[mode] = tmp_path / mode
+        train(build_config(overrides={**TINY, "max_staleness": "1", "staleness_mode": mode, "max_steps": "3",
+                                      "lr": "1e-2", "lora_rank": "4", "output_dir": str(outs[mode])}))
+    assert _rows(outs["sync"]) == _rows(outs["async"])
+    assert kept and all(names and all("lora_" in n for n in names) for names in kept)

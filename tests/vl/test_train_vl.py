@@ -74,3 +74,20 @@ def test_a_jsonl_mixing_text_and_image_rows_trains(tmp_path):
     train(build_config(overrides={**overrides, "data_on_error": "skip", "output_dir": str(tmp_path / "run2")}))
     changed, total = _changed(start, tmp_path / "run2" / "final_model")
     assert changed > total // 2
+
+
+def test_asynchronous_rollouts_with_image_prompts_equal_the_synchronous_lag(tmp_path):
+    """max_staleness=1 on the visual task: the sampler process gets the image inputs with each request
+    and samples exactly what the same lag samples in one process."""
+    folder, _ = _model_folder(tmp_path, "qwen3_vl_moe")
+    rows = {}
+    for mode in ("sync", "async"):
+        out = tmp_path / mode
+        train(build_config(overrides={**TINY, "model": str(folder), "dataset": "builtin:vl-digits", "max_steps": "3",
+                                      "max_staleness": "1", "staleness_mode": mode, "routing_replay": "R3",
+                                      "output_dir": str(out)}))
+        rows[mode] = [{k: v for k, v in json.loads(line).items() if not k.startswith(("time/", "tokens/", "math/",
+                       "async/sync_s", "async/sampler_wait_s", "async/trainer_wait_s"))}
+                      for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert rows["sync"] == rows["async"]
+    assert [r["async/staleness"] for r in rows["async"]] == [0.0, 1.0, 1.0]
