@@ -20,6 +20,12 @@ PANELS = [
     ("sapo_gate", "SAPO soft gate w = sech^2(tau (r - 1) / 2)",
      [("sapo/gate_mean_pos", "mean w, A > 0"), ("sapo/gate_mean_neg", "mean w, A <= 0"),
       ("sapo/gate_lt_0.5_frac", "share w < 0.5")]),
+    ("staleness", "Asynchronous rollouts: lag and waits",
+     [("async/staleness", "RL steps behind (batch)"), ("async/trainer_wait_s", "trainer waited (s)"),
+      ("async/sampler_wait_s", "sampler waited (s)"), ("async/sync_s", "weight hand-over (s)")]),
+    ("sampler_correction", "Importance weights against the sampler (tis_cap)",
+     [("is/weight_mean", "mean weight"), ("is/truncated_frac", "truncated share"), ("is/masked_frac", "masked share"),
+      ("mismatch/abs_log_ratio_mean", "|log pi_old - log pi_sampler|")]),
     ("clipping", "Clipped share (GRPO tokens / GSPO sequences)",
      [("clip/frac", "tokens"), ("clip/seq_frac", "sequences"), ("cispo/capped_frac", "CISPO capped")]),
     ("entropy", "Policy entropy (nats / token)", [("entropy/mean", "entropy")]),
@@ -96,7 +102,8 @@ def write_report(output_dir: str | Path) -> Path:
     if train_rows:
         gate_keys = ["sapo/gate_mean", "sapo/gate_mean_pos", "sapo/gate_mean_neg", "sapo/gate_lt_0.5_frac",
                      "ratio/min", "ratio/max", "log_ratio/seq_var_mean", "clip/frac", "clip/seq_frac",
-                     "moe/routing_changed", "entropy/mean"]
+                     "moe/routing_changed", "moe/replay_mismatch", "entropy/mean", "async/staleness",
+                     "async/trainer_wait_s", "is/weight_mean"]
         lines += ["## Objective diagnostics (mean over steps)", "", "| metric | mean | last |", "|---|---:|---:|"]
         for key in gate_keys:
             _, ys = _series(train_rows, key)
