@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import time
+import uuid
 
 import torch
 from conftest import TINY, checkpoint_weights, metric_rows, run_sapo
@@ -14,16 +15,16 @@ RUN = [*TINY, "max_steps=4", "save_steps=1", "keep_checkpoints=2", "eval_steps=0
        "staleness_mode=async", "lr=1e-3"]
 
 
-def _samplers() -> set[int]:
-    """PIDs of live sapo sampler processes (their command line is the trainer's: match the parent)."""
+def _tagged(tag: str) -> set[int]:
+    """PIDs of live processes started with SAPO_TEST_RUN_TAG=tag (a forked sampler inherits it)."""
     found = set()
     for pid in os.listdir("/proc"):
         if pid.isdigit():
             try:
-                status = open(f"/proc/{pid}/status").read()
+                environ = open(f"/proc/{pid}/environ", "rb").read()
             except OSError:
                 continue
-            if "\nPPid:\t1\n" in status and "python" in status.split("\n", 1)[0]:
+            if f"SAPO_TEST_RUN_TAG={tag}".encode() in environ.split(b"\0"):
                 found.add(int(pid))
     return found
 
@@ -34,8 +35,9 @@ def test_killed_async_run_resumes_to_the_uninterrupted_result(sapo_cache, tmp_pa
     assert done.returncode == 0, done.stderr[-3000:]
 
     out = tmp_path / "killed"
-    orphans_before = _samplers()
-    killed = run_sapo(sapo_cache, ["train", *RUN, f"output_dir={out}"], SAPO_TEST_KILL_AT="step:3")
+    tag = uuid.uuid4().hex
+    killed = run_sapo(sapo_cache, ["train", *RUN, f"output_dir={out}"], SAPO_TEST_KILL_AT="step:3",
+                      SAPO_TEST_RUN_TAG=tag)
     assert killed.returncode == -9
     resumed = run_sapo(sapo_cache, ["train", f"resume={out}"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
@@ -45,6 +47,6 @@ def test_killed_async_run_resumes_to_the_uninterrupted_result(sapo_cache, tmp_pa
     want, got = checkpoint_weights(reference), checkpoint_weights(out)
     assert all(torch.equal(want[k], got[k]) for k in want)
     deadline = time.monotonic() + 10  # the orphaned sampler notices its trainer is gone within a second
-    while _samplers() - orphans_before and time.monotonic() < deadline:
+    while _tagged(tag) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert not (_samplers() - orphans_before)
+    assert not _tagged(tag)
