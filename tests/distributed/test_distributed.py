@@ -138,7 +138,7 @@ def test_resume_across_world_sizes(tmp_path, monkeypatch, sapo_cache, start_weig
     for name in ("two", "one"):
         run = tmp_path / name
         shutil.copytree(full, run, ignore=shutil.ignore_patterns("checkpoint-000002", "final_model"))
-        resume = {"resume": str(run), "max_steps": "2"}
+        resume = {"resume": str(run), "max_steps": "2", "trust_saved_rewards": "true"}  # the test's own rewards
         if name == "two":
             _torchrun(record, resume)
         else:

@@ -91,3 +91,15 @@ def test_left_pad():
     input_ids, attention_mask = left_pad([[4, 5, 6], [7]], pad_token_id=9)
     assert input_ids.tolist() == [[4, 5, 6], [9, 9, 7]]
     assert attention_mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+
+
+def test_listing_engines_and_validating_a_config_import_no_torch():
+    """Config validation checks engine=NAME against the registry without importing torch (~2 s here)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from sapo.config import build_config; build_config(overrides={'engine': 'torch-copy'}); "
+            "print('torch' in sys.modules, 'transformers' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split() == ["False", "False"]
