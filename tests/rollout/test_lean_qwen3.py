@@ -9,7 +9,7 @@ from transformers import Qwen3ForCausalLM, Qwen3MoeForCausalLM
 
 from sapo.models.routing import record_routing
 from sapo.rollout import HFEngine, SamplingParams, TorchEngine
-from sapo.rollout.lean_qwen3 import lean_unsupported
+from sapo.rollout.lean_decoder import lean_unsupported
 
 UNUSED_EOS = [VOCAB + 7]  # outside the vocabulary: never produced
 
