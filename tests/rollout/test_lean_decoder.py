@@ -11,9 +11,11 @@ from conftest import (
     tiny_llama,
     tiny_mistral,
     tiny_qwen2,
+    tiny_qwen3,
+    tiny_qwen3_moe,
 )
 
-from sapo.rollout import HFEngine, TorchEngine
+from sapo.rollout import HFEngine, TorchEngine, lean_decoder
 from sapo.rollout.lean_decoder import lean_unsupported
 
 FAMILIES = {
@@ -62,6 +64,22 @@ def test_sampled_tokens_equal_the_hf_forward_path_and_teacher_forcing(model, pro
     assert_logprobs_close(lean.sampler_logprobs, old.sampler_logprobs)
     expected, got = teacher_forced_logprobs(model, lean, temperature=options.get("temperature", 1.0))
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("build", [*FAMILIES.values(), tiny_qwen3, tiny_qwen3_moe], ids=[*FAMILIES, "qwen3", "qwen3_moe"])
+def test_unfused_projections_match_too(prompts, build, monkeypatch):
+    """Large layers (SmolLM2) run q/k/v and gate/up as separate matmuls; the tiny models here are fused
+    unless the threshold says otherwise."""
+    model = build()
+    monkeypatch.setattr(lean_decoder, "FUSE_MAX_ELEMENTS", 0)
+    net = lean_decoder.LeanDecoder(model, batch=1, max_len=4)
+    assert len(net.layers[0].qkv) == 3 and net.layers[0].qkv[0][0] is model.model.layers[0].self_attn.q_proj.weight
+    eos = stopping_eos(model, prompts)
+    lean = run(TorchEngine(model), prompts, eos, greedy=False, seed=3)
+    old = run(TorchEngine(model, lean=False), prompts, eos, greedy=False, seed=3)
+    assert lean.completion_ids == old.completion_ids
+    assert_logprobs_close(lean.sampler_logprobs, old.sampler_logprobs)
+    assert run(TorchEngine(model), prompts, eos).completion_ids == run(HFEngine(model), prompts, eos).completion_ids
 
 
 def test_tied_embeddings_are_read_live(prompts):
