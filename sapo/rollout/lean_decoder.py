@@ -26,6 +26,8 @@ same maths with those costs removed:
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -48,25 +50,70 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 FUSE_MAX_ELEMENTS = 1 << 20
 
 
-def _projections(linears: list[torch.nn.Linear], fuse: bool) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
-    """(weight, bias) of each projection, or of their row-wise concatenation when ``fuse``."""
+# On CPU in float32, oneDNN's linear on a weight reordered once into its blocked layout runs decode-sized
+# matmuls 1.2-2.6x faster than ATen's sgemm on the plain weight (SmolLM2-135M shapes, 1-2 threads:
+# docs/performance.md); the reorder is a copy of the weight per ``generate`` call (~0.2 s for 135M
+# parameters), so only weights of at least this many elements are packed. Results differ from ATen's in
+# the last bits (another summation order), as any other matmul kernel's would.
+PACK_MIN_ELEMENTS = 1 << 18
+
+
+@functools.cache
+def _onednn_packing_works() -> bool:
+    """Whether this torch build has oneDNN's packed fp32 linear (private ops; checked once, on a small case)."""
+    try:
+        weight, x = torch.randn(24, 16), torch.randn(5, 16)
+        packed = torch.ops.mkldnn._reorder_linear_weight(weight, 5)
+        out = torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
+        return torch.allclose(out, F.linear(x, weight), atol=1e-5, rtol=1e-5)
+    except (AttributeError, RuntimeError, NotImplementedError):
+        return False
+
+
+def pack_batch_for(dtype: torch.dtype, device: torch.device, batch: int) -> int | None:
+    """The batch size to pack weights for, or None where packing does not apply (GPU, bf16/fp16)."""
+    if device.type != "cpu" or dtype != torch.float32 or not torch.backends.mkldnn.is_available():
+        return None
+    return batch if _onednn_packing_works() else None
+
+
+class _Proj:
+    """One projection y = x W^T + b: on the live weight, on a fused copy, or on a oneDNN-packed copy."""
+
+    __slots__ = ("weight", "bias", "packed")
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, pack_batch: int | None):
+        self.packed = pack_batch is not None and weight.numel() >= PACK_MIN_ELEMENTS
+        with torch.no_grad():
+            self.weight = torch.ops.mkldnn._reorder_linear_weight(weight, pack_batch) if self.packed else weight
+        self.bias = bias
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.packed:
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)
+
+
+def _projections(linears: list[torch.nn.Linear], fuse: bool, pack_batch: int | None) -> list[_Proj]:
+    """Each projection, or their row-wise concatenation when ``fuse``."""
     if not fuse:
-        return [(linear.weight, linear.bias) for linear in linears]
+        return [_Proj(linear.weight, linear.bias, pack_batch) for linear in linears]
     biases = [linear.bias for linear in linears]  # all or none in every family
     bias = torch.cat(biases) if biases[0] is not None else None
-    return [(torch.cat([linear.weight for linear in linears]), bias)]
+    return [_Proj(torch.cat([linear.weight for linear in linears]), bias, pack_batch)]
 
 
-def _linear(h: torch.Tensor, projections: list[tuple[torch.Tensor, torch.Tensor | None]]) -> torch.Tensor:
+def _linear(h: torch.Tensor, projections: list[_Proj]) -> torch.Tensor:
     """h [N, d] through (fused or separate) projections -> their outputs side by side [N, sum of out]."""
-    outputs = [F.linear(h, weight, bias) for weight, bias in projections]
+    outputs = [projection(h) for projection in projections]
     return outputs[0] if len(outputs) == 1 else torch.cat(outputs, dim=-1)
 
 
 class _Layer:
     """References to (or per-call concatenations of) one decoder layer's weights."""
 
-    def __init__(self, layer: torch.nn.Module, qk_norm: bool, num_heads: int, num_kv_heads: int):
+    def __init__(self, layer: torch.nn.Module, qk_norm: bool, num_heads: int, num_kv_heads: int,
+                 pack_batch: int | None):
         attn, mlp = layer.self_attn, layer.mlp
         self.moe = hasattr(mlp, "experts")
         attention = [attn.q_proj, attn.k_proj, attn.v_proj]
@@ -74,8 +121,8 @@ class _Layer:
         fuse = sum(linear.weight.numel() for linear in attention + dense) <= FUSE_MAX_ELEMENTS
         self.eps = layer.input_layernorm.variance_epsilon
         self.ln1, self.ln2 = layer.input_layernorm.weight, layer.post_attention_layernorm.weight
-        self.qkv = _projections(attention, fuse)  # -> [N, (Hq + 2Hkv) D]
-        self.o, self.o_bias = attn.o_proj.weight, attn.o_proj.bias
+        self.qkv = _projections(attention, fuse, pack_batch)  # -> [N, (Hq + 2Hkv) D]
+        self.o = _Proj(attn.o_proj.weight, attn.o_proj.bias, pack_batch)
         self.scale = attn.scaling
         # Qwen3's q_norm / k_norm weights per head, so one norm call covers q and k: [Hq + Hkv, D]
         self.qk_norm = self.qk_eps = None
@@ -93,8 +140,8 @@ class _Layer:
             self.gate_up = experts.gate_up_proj if transposed else experts.gate_up_proj.transpose(1, 2)
             self.down = experts.down_proj if transposed else experts.down_proj.transpose(1, 2)
         else:
-            self.gate_up_dense = _projections(dense, fuse)  # -> [N, 2I]; biases: Llama's mlp_bias
-            self.down_dense, self.down_bias = mlp.down_proj.weight, mlp.down_proj.bias  # [d, I], [d]
+            self.gate_up_dense = _projections(dense, fuse, pack_batch)  # -> [N, 2I]; biases: Llama's mlp_bias
+            self.down_dense = _Proj(mlp.down_proj.weight, mlp.down_proj.bias, pack_batch)
 
 
 class LeanDecoder:
@@ -113,9 +160,11 @@ class LeanDecoder:
         self.head_dim = inner.layers[0].self_attn.head_dim
         self.embed = inner.embed_tokens.weight  # [V, d]
         self.norm, self.norm_eps = inner.norm.weight, inner.norm.variance_epsilon
-        self.lm_head = model.lm_head.weight  # [V, d] (the embedding itself when tied)
-        self.layers = [_Layer(layer, family.qk_norm, self.num_heads, self.num_kv_heads) for layer in inner.layers]
         self.dtype, self.device = self.embed.dtype, self.embed.device
+        pack_batch = pack_batch_for(self.dtype, self.device, batch)
+        self.lm_head = _Proj(model.lm_head.weight, None, pack_batch)  # [V, d] (the embedding itself when tied)
+        self.layers = [_Layer(layer, family.qk_norm, self.num_heads, self.num_kv_heads, pack_batch)
+                       for layer in inner.layers]
         positions = torch.arange(max_len, device=self.device)[None]  # [1, L]
         cos, sin = inner.rotary_emb(self.embed[:1][None], positions)  # [1, L, D] each, in the model dtype
         half = self.head_dim // 2
@@ -155,9 +204,9 @@ class LeanDecoder:
     def _mlp(self, layer: _Layer, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """h [N, d] -> ([N, d], the chosen experts [N, k] or None): SwiGLU, dense or top-k mixture of experts."""
         if not layer.moe:
-            parts = [F.linear(h, weight, bias) for weight, bias in layer.gate_up_dense]
+            parts = [projection(h) for projection in layer.gate_up_dense]
             gate, up = parts if len(parts) == 2 else parts[0].chunk(2, dim=-1)  # [N, I] each
-            return F.linear(F.silu(gate) * up, layer.down_dense, layer.down_bias), None
+            return layer.down_dense(F.silu(gate) * up), None
         n, k = h.shape[0], layer.top_k
         probs = F.softmax(F.linear(h, layer.router), dim=-1, dtype=torch.float32)  # [N, E]
         weights, experts = torch.topk(probs, k, dim=-1)  # [N, k]
@@ -182,7 +231,7 @@ class LeanDecoder:
         return weighted.sum(dim=1), experts  # summed in top-k order, as HF's grouped_mm path
 
     def _logits(self, h: torch.Tensor) -> torch.Tensor:
-        return F.linear(_rms_norm(h, self.norm, self.norm_eps), self.lm_head)  # [b, V]
+        return self.lm_head(_rms_norm(h, self.norm, self.norm_eps))  # [b, V]
 
     # --- prefill / decode ---------------------------------------------------------------------
     @torch.inference_mode()
@@ -214,7 +263,7 @@ class LeanDecoder:
                 enable_gqa=self.num_heads != self.num_kv_heads,
             )  # [B, Hq, P, D]
             attn = attn.transpose(1, 2).reshape(batch * prompt_len, -1)[flat_index]  # [N, Hq D]
-            x = x + F.linear(attn, layer.o, layer.o_bias)
+            x = x + layer.o(attn)
             out, experts = self._mlp(layer, _rms_norm(x, layer.ln2, layer.eps))
             x = x + out
             if self.routing is not None and experts is not None:
@@ -253,7 +302,7 @@ class LeanDecoder:
                     q, keys[:b, :, :width], values[:b, :, :width], attn_mask=mask, scale=layer.scale
                 )  # [b, Hkv, g, D] (3x faster on CPU than sdpa's enable_gqa over [b, Hq, 1, D])
             attn = attn.reshape(b, -1)  # [b, Hq D]
-            x = x + F.linear(attn, layer.o, layer.o_bias)
+            x = x + layer.o(attn)
             out, experts = self._mlp(layer, _rms_norm(x, layer.ln2, layer.eps))
             x = x + out
             if self.routing is not None and experts is not None:

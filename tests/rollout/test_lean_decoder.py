@@ -66,19 +66,35 @@ def test_sampled_tokens_equal_the_hf_forward_path_and_teacher_forcing(model, pro
     torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
 
 
+LAYOUTS = {"unfused": (0, None), "packed": (None, 0), "unfused+packed": (0, 0)}  # FUSE_/PACK_ thresholds
+
+
+@pytest.mark.parametrize("layout", list(LAYOUTS))
 @pytest.mark.parametrize("build", [*FAMILIES.values(), tiny_qwen3, tiny_qwen3_moe], ids=[*FAMILIES, "qwen3", "qwen3_moe"])
-def test_unfused_projections_match_too(prompts, build, monkeypatch):
-    """Large layers (SmolLM2) run q/k/v and gate/up as separate matmuls; the tiny models here are fused
-    unless the threshold says otherwise."""
+def test_unfused_and_packed_projections_match_too(prompts, build, layout, monkeypatch):
+    """Large layers (SmolLM2) run q/k/v and gate/up as separate matmuls, and on CPU in float32 through
+    oneDNN-packed weights; the tiny models here are fused and unpacked unless the thresholds say otherwise."""
+    fuse_max, pack_min = LAYOUTS[layout]
+    if pack_min is not None:
+        if lean_decoder.pack_batch_for(torch.float32, torch.device("cpu"), 1) is None:
+            pytest.skip("this torch build has no oneDNN packed linear")
+        monkeypatch.setattr(lean_decoder, "PACK_MIN_ELEMENTS", pack_min)
+    if fuse_max is not None:
+        monkeypatch.setattr(lean_decoder, "FUSE_MAX_ELEMENTS", fuse_max)
     model = build()
-    monkeypatch.setattr(lean_decoder, "FUSE_MAX_ELEMENTS", 0)
     net = lean_decoder.LeanDecoder(model, batch=1, max_len=4)
-    assert len(net.layers[0].qkv) == 3 and net.layers[0].qkv[0][0] is model.model.layers[0].self_attn.q_proj.weight
+    projections = net.layers[0].qkv
+    assert len(projections) == (3 if fuse_max == 0 else 1)
+    assert all(p.packed == (pack_min is not None) for p in [*projections, net.layers[0].o, net.lm_head])
+    if fuse_max == 0 and pack_min is None:
+        assert projections[0].weight is model.model.layers[0].self_attn.q_proj.weight  # live, not copied
     eos = stopping_eos(model, prompts)
     lean = run(TorchEngine(model), prompts, eos, greedy=False, seed=3)
     old = run(TorchEngine(model, lean=False), prompts, eos, greedy=False, seed=3)
     assert lean.completion_ids == old.completion_ids
     assert_logprobs_close(lean.sampler_logprobs, old.sampler_logprobs)
+    expected, got = teacher_forced_logprobs(model, lean, temperature=1.0)
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
     assert run(TorchEngine(model), prompts, eos).completion_ids == run(HFEngine(model), prompts, eos).completion_ids
 
 
