@@ -72,17 +72,18 @@ def smollm2_prompts(tokenizer, batch: int) -> list[list[int]]:
     return prompts
 
 
-def timed_run(engine, prompts, eos_ids, args, seed: int, new_tokens: int | None = None) -> tuple[float, int]:
+def timed_run(engine, prompts, eos_ids, args, seed: int, new_tokens: int | None = None) -> tuple[float, float, int]:
+    """(wall seconds, CPU seconds of this process, completion tokens) of one ``generate`` call."""
     generator = torch.Generator(device=args.device).manual_seed(seed)
     if args.device == "cuda":
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     batch = engine.generate(prompts, SamplingParams(max_new_tokens=new_tokens or args.new_tokens, temperature=1.0,
                                                     eos_token_ids=eos_ids, pad_token_id=args.pad_id,
                                                     generator=generator))
     if args.device == "cuda":
         torch.cuda.synchronize()
-    return time.perf_counter() - start, batch.num_completion_tokens
+    return time.perf_counter() - start, time.process_time() - cpu_start, batch.num_completion_tokens
 
 
 def cases(name: str, model, tokenizer, batch: int) -> tuple[list[list[int]], list[tuple[str, list[int]]]]:
@@ -156,36 +157,42 @@ def main() -> None:
             for eos_label, eos_ids in eos_cases:
                 speeds: dict[str, list[float]] = {engine_name: [] for engine_name in ENGINES}
                 tokens: dict[str, list[int]] = {engine_name: [] for engine_name in ENGINES}
+                cpu_speeds: dict[str, list[float]] = {engine_name: [] for engine_name in ENGINES}
                 for engine in engines.values():  # warm-up
                     timed_run(engine, prompts, eos_ids, args, seed=0, new_tokens=4)
                 for repeat in range(1, args.repeats + 1):
                     for engine_name, engine in engines.items():
-                        seconds, n_tokens = timed_run(engine, prompts, eos_ids, args, seed=repeat)
+                        seconds, cpu_seconds, n_tokens = timed_run(engine, prompts, eos_ids, args, seed=repeat)
                         speeds[engine_name].append(n_tokens / seconds)
+                        cpu_speeds[engine_name].append(n_tokens / cpu_seconds)
                         tokens[engine_name].append(n_tokens)
                 if engines["torch-lean"].last_path != "lean":
                     print(f"warning: {name} did not run on the lean path (see sapo.rollout.lean_decoder.lean_unsupported)")
                 median = {engine_name: statistics.median(speeds[engine_name]) for engine_name in ENGINES}
                 median_tokens = {engine_name: statistics.median(tokens[engine_name]) for engine_name in ENGINES}
-                rows.append((name, batch, eos_label, median_tokens, median))
+                # tokens per CPU-second of this process: less sensitive than wall time to other jobs on a
+                # shared machine (waiting for a core is not counted; spinning threads still are)
+                cpu_ratio = statistics.median(cpu_speeds["torch-lean"]) / statistics.median(cpu_speeds["hf"])
+                rows.append((name, batch, eos_label, median_tokens, median, cpu_ratio))
                 runs = "; ".join(f"{e} " + "/".join(f"{v:.0f}" for v in speeds[e]) for e in ENGINES)
                 print(f"{name} batch={batch} eos={eos_label}: " + ", ".join(f"{e} {median[e]:.0f} tok/s" for e in ENGINES)
                       + f"; torch-hf x{median['torch-hf'] / median['hf']:.2f}, "
-                      f"torch-lean x{median['torch-lean'] / median['hf']:.2f} (runs: {runs}; load "
+                      f"torch-lean x{median['torch-lean'] / median['hf']:.2f}, by CPU time x{cpu_ratio:.2f} (runs: {runs}; load "
                       f"{os.getloadavg()[0]:.2f})", flush=True)
 
     print(f"\ndevice={args.device} dtype={dtype} new_tokens={args.new_tokens} cache={args.cache} "
           f"compile={args.compile} threads={torch.get_num_threads()} repeats={args.repeats} "
           f"load average now {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     header = (f"{'model':<18} {'batch':>5} {'eos':<9} {'tokens hf/thf/lean':>20} {'hf tok/s':>9} {'torch-hf':>9} "
-              f"{'torch-lean':>10} {'thf/hf':>7} {'lean/hf':>7}")
+              f"{'torch-lean':>10} {'thf/hf':>7} {'lean/hf':>7} {'lean/hf cpu':>11}")
     print(header)
     print("-" * len(header))
-    for name, batch, eos_label, n_tokens, median in rows:
+    for name, batch, eos_label, n_tokens, median, cpu_ratio in rows:
         counts = "/".join(f"{n_tokens[e]:.0f}" for e in ENGINES)
         hf = median["hf"]
         print(f"{name:<18} {batch:>5} {eos_label:<9} {counts:>20} {hf:>9.0f} {median['torch-hf']:>9.0f} "
-              f"{median['torch-lean']:>10.0f} {median['torch-hf'] / hf:>7.2f} {median['torch-lean'] / hf:>7.2f}")
+              f"{median['torch-lean']:>10.0f} {median['torch-hf'] / hf:>7.2f} {median['torch-lean'] / hf:>7.2f} "
+              f"{cpu_ratio:>11.2f}")
 
 
 if __name__ == "__main__":
