@@ -136,8 +136,8 @@ class TorchEngine(LiveWeights):
 
     ``lean=True`` (default) runs Qwen3 / Qwen3-MoE / Qwen2 / Llama / Mistral text models on ``LeanDecoder``
     (plain tensor ops on the model's weights, see ``sapo.rollout.lean_decoder``) and any other model, or
-    one of those that it does not support (``lean_unsupported``: hooks such as routing record/replay, peft wrappers, sliding
-    windows, extra inputs, ``compile=True``), on the HF forward. ``lean=False`` always uses the HF forward.
+    one of those that it does not support (``lean_unsupported``: hooks such as routing record/replay, peft
+    wrappers, short sliding windows, unknown rope types; extra inputs, ``compile=True``), on the HF forward. ``lean=False`` always uses the HF forward.
     ``compile=True`` wraps the HF decode forward in ``torch.compile`` (GPU; the first call is slow).
     ``last_path`` is "lean" or "hf": the path the latest ``generate`` call took.
 
