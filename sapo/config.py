@@ -131,8 +131,8 @@ class TrainConfig:
     top_k: int = _opt(0, "top-k sampling (0 = off)", group="rollout")
     max_completion_length: int = _opt(48, "maximum new tokens per completion", group="rollout")
     engine: str = _opt(
-        "torch", "rollout engine, by registered name: torch (ours, KV cache, lean Qwen3 path), torch-copy (the same "
-        "on its own copy of the weights, refreshed after every step), hf (HF generate), or one added with "
+        "torch", "rollout engine, by registered name: torch (ours, KV cache, lean path for Qwen3/Qwen2/Llama/Mistral), "
+        "torch-copy (the same on its own copy of the weights, refreshed after every step), hf (HF generate), or one added with "
         "sapo.rollout.register_engine", group="rollout",
     )
 

@@ -1,4 +1,4 @@
-"""Our PyTorch generation engine over any HF causal LM (Qwen3, Qwen3-MoE, Llama/SmolLM2).
+"""Our PyTorch generation engine over any HF causal LM (Qwen3, Qwen3-MoE, Qwen2, Llama/SmolLM2, Mistral, ...).
 
 One batched prefill over left-padded prompts (position ids counted over real tokens), then one forward
 per new token through a KV cache. Rows that produce an EOS token leave the batch: their KV-cache rows,
@@ -6,9 +6,10 @@ attention-mask rows and positions are dropped, so later steps only compute on li
 
 Two forwards behind the same loop (same sampling, same generator draws):
 
-- lean (default for Qwen3 / Qwen3-MoE text models): ``sapo.rollout.lean_qwen3.LeanQwen3``, plain tensor
-  ops on the model's live weights, its own preallocated KV cache, prefill on real tokens only; finished
-  rows leave its cache once 1/8 of the cached rows are finished (``_LeanForward.COMPACT_FRACTION``).
+- lean (default for the families of ``sapo.rollout.lean_families``: Qwen3, Qwen3-MoE, Qwen2, Llama,
+  Mistral text models): ``sapo.rollout.lean_decoder.LeanDecoder``, plain tensor ops on the model's live
+  weights, its own preallocated KV cache, prefill on real tokens only; finished rows leave its cache once 1/8
+  of the cached rows are finished (``_LeanForward.COMPACT_FRACTION``).
   1.7-2.7x HF ``generate`` on the CPU benchmark (bench/RESULTS.md), against 1.3-2.0x for the HF forward.
 - HF forward (``lean=False``, or whatever ``lean_unsupported`` refuses: other architectures, forward hooks
   such as routing record/replay, peft wrappers, sliding windows, multimodal extra inputs, ``compile``).
@@ -49,7 +50,7 @@ from sapo.rollout.base import (
     collate_extra_inputs,
     left_pad,
 )
-from sapo.rollout.lean_qwen3 import LeanQwen3, lean_unsupported
+from sapo.rollout.lean_decoder import LeanDecoder, lean_unsupported
 from sapo.rollout.sampling import sample_tokens
 
 
@@ -139,10 +140,10 @@ def _cache_kwarg(model: torch.nn.Module) -> str:
 class TorchEngine(LiveWeights):
     """Batched sampling with a KV cache; finished rows leave the batch.
 
-    ``lean=True`` (default) runs Qwen3 / Qwen3-MoE text models on ``LeanQwen3`` (plain tensor ops on the
-    model's weights, see ``sapo.rollout.lean_qwen3``) and any other model, or a Qwen3 one that it does
-    not support (``lean_unsupported``: hooks such as routing record/replay, peft wrappers, sliding
-    windows, extra inputs, ``compile=True``), on the HF forward. ``lean=False`` always uses the HF forward.
+    ``lean=True`` (default) runs Qwen3 / Qwen3-MoE / Qwen2 / Llama / Mistral text models on ``LeanDecoder``
+    (plain tensor ops on the model's weights, see ``sapo.rollout.lean_decoder``) and any other model, or
+    one of those that it does not support (``lean_unsupported``: hooks such as routing record/replay, peft
+    wrappers, short sliding windows, unknown rope types; extra inputs, ``compile=True``), on the HF forward. ``lean=False`` always uses the HF forward.
     ``compile=True`` wraps the HF decode forward in ``torch.compile`` (GPU; the first call is slow).
     ``last_path`` is "lean" or "hf": the path the latest ``generate`` call took.
 
@@ -269,7 +270,7 @@ class OwnCopyTorchEngine(CopiedWeights, TorchEngine):
 
 
 class _LeanForward:
-    """Prefill / decode / row selection on ``LeanQwen3``.
+    """Prefill / decode / row selection on ``LeanDecoder``.
 
     Finished rows are dropped from the KV cache lazily: a compaction copies every layer's cache, so it
     waits until a fraction ``COMPACT_FRACTION`` of the cached rows are finished; until then those rows
@@ -280,7 +281,7 @@ class _LeanForward:
 
     def __init__(self, model, input_ids, prompt_mask, max_new_tokens, record_experts):
         self.input_ids, self.prompt_mask = input_ids, prompt_mask
-        self.net = LeanQwen3(model, input_ids.shape[0], input_ids.shape[1] + max_new_tokens, record_experts)
+        self.net = LeanDecoder(model, input_ids.shape[0], input_ids.shape[1] + max_new_tokens, record_experts)
         self.positions = prompt_mask.sum(-1)  # [B'] next position of each cached row (real tokens only)
         self.live = torch.arange(input_ids.shape[0], device=input_ids.device)  # cached row of each live row
         self.tokens = torch.zeros_like(self.positions)  # [B'] input tokens of the cached rows

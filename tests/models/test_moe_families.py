@@ -245,7 +245,7 @@ def test_r3_record_on_the_hf_generation_path_matches_a_teacher_forced_forward(fa
     """The torch engine's lean forward is Qwen3-only: the other families fall back to the HF forward,
     where record_routing hooks record the experts of prefill and every decode step."""
     from sapo.rollout import SamplingParams
-    from sapo.rollout.lean_qwen3 import lean_unsupported
+    from sapo.rollout.lean_families import lean_unsupported
     from sapo.rollout.torch_engine import TorchEngine
 
     model = _model(family)

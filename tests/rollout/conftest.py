@@ -4,6 +4,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
     Qwen3Config,
     Qwen3ForCausalLM,
     Qwen3MoeConfig,
@@ -12,10 +18,11 @@ from transformers import (
     Qwen3VLForConditionalGeneration,
 )
 
-from sapo.rollout.base import collate_extra_inputs
+from sapo.rollout.base import SamplingParams, collate_extra_inputs
 
 VOCAB = 64
 IMAGE = 120  # image token id of the tiny Qwen3-VL
+UNUSED_EOS = [VOCAB + 7]  # outside the vocabulary: never produced
 
 
 def tiny_qwen3(seed: int = 0) -> Qwen3ForCausalLM:
@@ -37,6 +44,58 @@ def tiny_qwen3_moe(seed: int = 0) -> Qwen3MoeForCausalLM:
         experts_implementation="grouped_mm",
     )
     return Qwen3MoeForCausalLM(config).float()
+
+
+# The Llama-style families of the lean decode path, same shapes as tiny_qwen3 (head_dim 8, GQA 4 -> 2).
+TINY_DECODER = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+                    initializer_range=0.2)
+
+
+def _random_biases(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """HF initialises biases to zero, which would hide a bias the lean path forgot: draw them."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.copy_(torch.randn(module.bias.shape, generator=g) * 0.5)
+    return model
+
+
+def tiny_llama(seed: int = 0, **overrides) -> LlamaForCausalLM:
+    """A SmolLM2-like Llama: tied embeddings, no biases (overrides: attention_bias, mlp_bias, rope_parameters...)."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(**{**TINY_DECODER, "tie_word_embeddings": True, **overrides})
+    return _random_biases(LlamaForCausalLM(config).float(), seed)
+
+
+def tiny_qwen2(seed: int = 0, **overrides) -> Qwen2ForCausalLM:
+    """Qwen2: q/k/v biases (drawn at random), no q/k norm, untied embeddings."""
+    torch.manual_seed(seed)
+    config = Qwen2Config(**{**TINY_DECODER, "tie_word_embeddings": False, **overrides})
+    return _random_biases(Qwen2ForCausalLM(config).float(), seed)
+
+
+def tiny_mistral(seed: int = 0, **overrides) -> MistralForCausalLM:
+    """Mistral: no biases, untied embeddings, sliding window 4096 (longer than any test generation)."""
+    torch.manual_seed(seed)
+    config = MistralConfig(**{**TINY_DECODER, "tie_word_embeddings": False, **overrides})
+    return MistralForCausalLM(config).float()
+
+
+def run(engine, prompts, eos, greedy=True, seed=None, max_new_tokens=12, **options):
+    """``engine.generate`` with pad id 0; ``seed`` seeds a fresh generator for sampling."""
+    generator = None if seed is None else torch.Generator().manual_seed(seed)
+    return engine.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens, eos_token_ids=eos, pad_token_id=0,
+                                                   greedy=greedy, generator=generator, **options))
+
+
+def stopping_eos(model, prompts):
+    """Two EOS ids the model emits mid-decode (greedy, HF forward), so rows stop at different steps."""
+    from sapo.rollout import TorchEngine
+
+    free = run(TorchEngine(model, lean=False), prompts, UNUSED_EOS)
+    return [free.completion_ids[1][3], free.completion_ids[3][6]]
 
 
 def teacher_forced_logprobs(model, batch, temperature, extra_inputs=None):

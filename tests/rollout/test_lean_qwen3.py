@@ -1,28 +1,24 @@
-"""The lean Qwen3 / Qwen3-MoE decode path against HF generate and the HF-forward engine path."""
+"""The lean decode path on Qwen3 / Qwen3-MoE against HF generate and the HF-forward engine path."""
 
 import copy
 
 import pytest
 import torch
-from conftest import VOCAB, teacher_forced_logprobs, tiny_qwen3, tiny_qwen3_moe, tiny_qwen3_vl
+from conftest import (
+    UNUSED_EOS,
+    VOCAB,
+    run,
+    stopping_eos,
+    teacher_forced_logprobs,
+    tiny_qwen3,
+    tiny_qwen3_moe,
+    tiny_qwen3_vl,
+)
 from transformers import Qwen3ForCausalLM, Qwen3MoeForCausalLM
 
 from sapo.models.routing import record_routing
-from sapo.rollout import HFEngine, SamplingParams, TorchEngine
-from sapo.rollout.lean_qwen3 import lean_unsupported
-
-UNUSED_EOS = [VOCAB + 7]  # outside the vocabulary: never produced
-
-
-def run(engine, prompts, eos, greedy=True, seed=None, max_new_tokens=12, **options):
-    generator = None if seed is None else torch.Generator().manual_seed(seed)
-    return engine.generate(prompts, SamplingParams(max_new_tokens=max_new_tokens, eos_token_ids=eos, pad_token_id=0, greedy=greedy, generator=generator, **options))
-
-
-def stopping_eos(model, prompts):
-    """Two EOS ids the model emits mid-decode (greedy), so rows stop at different steps."""
-    free = run(TorchEngine(model, lean=False), prompts, UNUSED_EOS)
-    return [free.completion_ids[1][3], free.completion_ids[3][6]]
+from sapo.rollout import HFEngine, TorchEngine
+from sapo.rollout.lean_decoder import lean_unsupported
 
 
 def test_greedy_matches_hf_generate_and_the_hf_forward_path(model, prompts):
