@@ -293,7 +293,7 @@ def get_objective(loss_type: str) -> Objective:
         candidates = _entry_points().get(name, [])
         if len(candidates) > 1:
             raise ValueError(f"loss_type {name!r} is provided by several installed packages: "
-                             f"{'; '.join(_describe(ep) for ep in candidates)}; uninstall all but one")
+                             f"{'; '.join(sorted(_describe(ep) for ep in candidates))}; uninstall all but one")
         if candidates:
             _load_plugin(name, candidates[0])
             return _OBJECTIVES[name]

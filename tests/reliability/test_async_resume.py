@@ -9,7 +9,8 @@ import time
 import uuid
 
 import torch
-from conftest import TINY, checkpoint_weights, metric_rows, run_sapo
+
+from tests.reliability.conftest import TINY, checkpoint_weights, metric_rows, run_sapo
 
 RUN = [*TINY, "max_steps=4", "save_steps=1", "keep_checkpoints=2", "eval_steps=0", "max_staleness=1",
        "staleness_mode=async", "lr=1e-3"]

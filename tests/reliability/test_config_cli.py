@@ -8,7 +8,8 @@ started building the warm-started built-in model there.
 from __future__ import annotations
 
 import pytest
-from conftest import cli, run_sapo
+
+from tests.reliability.conftest import cli, run_sapo
 
 CASES = [
     (["lrr=0.1"], "unknown config key 'lrr'. Did you mean: lr"),

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY, USER, cli
 
 from sapo.checkpoint import list_checkpoints
+from tests.reliability.conftest import TINY, USER, cli
 
 GOOD = [{"q": f"{a}+{b}=\n", "a": a + b} for a in range(1, 5) for b in range(1, 4)]
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import WARMSTART_STEPS
 
 from sapo.config import build_config
 from sapo.rewards.math_reward import MathReward
@@ -16,6 +15,7 @@ from sapo.training.policy import load_policy
 from sapo.training.reference import make_reference
 from sapo.training.teacher_forcing import ForwardSettings, TeacherForcing
 from sapo.training.update import UpdateSettings, policy_update
+from tests.reliability.conftest import WARMSTART_STEPS
 
 
 @pytest.fixture(scope="module")

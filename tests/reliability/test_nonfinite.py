@@ -11,9 +11,9 @@ import json
 
 import pytest
 import torch
-from conftest import TINY, USER, cli, user_rewards_module
 
 from sapo.checkpoint import NonFiniteError, list_checkpoints, save_checkpoint
+from tests.reliability.conftest import TINY, USER, cli, user_rewards_module
 
 RUN = [*TINY, "save_steps=1", "keep_checkpoints=10", "eval_steps=0", "scale_rewards=none",
        f"rewards=[{USER}:huge_reward]"]

@@ -13,10 +13,10 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, TINY, run_sapo
 
 from sapo.config import ConfigError, build_config, help_text
 from sapo.objectives import loss_types, policy_loss, registry, resolve
+from tests.reliability.conftest import REPO, TINY, run_sapo
 
 GPG_MODULE = '''
 """GPG (Group Policy Gradient), an objective sapo does not ship: loss -A logp, no ratio, token mean."""
@@ -134,9 +134,8 @@ def test_cli_trains_with_an_installed_plugin_objective(sapo_cache, tmp_path):
 
 def test_training_in_process_with_an_objective_registered_by_the_public_call(sapo_cache, tmp_path, monkeypatch):
     """A clip-higher GRPO variant registered in user code; `sapo.cli.main` (the trainer) runs it in-process."""
-    from conftest import cli
-
     from sapo.objectives import register_objective
+    from tests.reliability.conftest import cli
 
     monkeypatch.setattr(registry, "_OBJECTIVES", dict(registry._OBJECTIVES))
     register_objective("grpo_clip_higher", ratio_level="token", shaping="clip", aggregation="token_mean",

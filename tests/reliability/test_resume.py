@@ -17,10 +17,19 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY, USER, checkpoint_weights, metric_rows, run_sapo, sapo_cmd, sapo_env
 
 from sapo.checkpoint import list_checkpoints
 from sapo.cli import main
+from tests.reliability.conftest import (
+    REPO,
+    TINY,
+    USER,
+    checkpoint_weights,
+    metric_rows,
+    run_sapo,
+    sapo_cmd,
+    sapo_env,
+)
 
 MAX_STEPS = 4
 # varied rewards (non-zero gradients), a KL reference (must survive resume), eval mid-run

@@ -11,7 +11,7 @@ import json
 import logging
 import time
 
-from conftest import TINY, USER, cli
+from tests.reliability.conftest import TINY, USER, cli
 
 
 def test_raising_and_hanging_rewards_score_zero_and_are_counted(sapo_cache, tmp_path, caplog):

@@ -16,11 +16,11 @@ import warnings
 
 import pytest
 import torch
-from conftest import REPO, TINY, USER, cli, sapo_env
 
 from sapo import checkpoint as ckpt
 from sapo import storage
 from sapo.runlock import RunLock
+from tests.reliability.conftest import REPO, TINY, USER, cli, sapo_env
 
 RUN = [*TINY, "max_steps=2", "save_steps=1", "keep_checkpoints=2", "eval_steps=0"]
 

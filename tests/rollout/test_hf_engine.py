@@ -1,8 +1,8 @@
 import torch
-from conftest import image_prompt_rows, teacher_forced_logprobs, tiny_qwen3_vl
 
 from sapo.rollout import HFEngine, SamplingParams
 from sapo.rollout.base import collate_extra_inputs
+from tests.rollout.conftest import image_prompt_rows, teacher_forced_logprobs, tiny_qwen3_vl
 
 
 def test_sampler_logprobs_equal_teacher_forced(model, prompts):

@@ -3,7 +3,10 @@ engine path; rope variants; tied embeddings; what it refuses. (Qwen3 / Qwen3-MoE
 
 import pytest
 import torch
-from conftest import (
+
+from sapo.rollout import HFEngine, TorchEngine, lean_decoder
+from sapo.rollout.lean_decoder import lean_unsupported
+from tests.rollout.conftest import (
     UNUSED_EOS,
     run,
     stopping_eos,
@@ -14,9 +17,6 @@ from conftest import (
     tiny_qwen3,
     tiny_qwen3_moe,
 )
-
-from sapo.rollout import HFEngine, TorchEngine, lean_decoder
-from sapo.rollout.lean_decoder import lean_unsupported
 
 FAMILIES = {
     "llama": tiny_llama,  # tied embeddings, no biases

@@ -4,7 +4,12 @@ import copy
 
 import pytest
 import torch
-from conftest import (
+from transformers import Qwen3ForCausalLM, Qwen3MoeForCausalLM
+
+from sapo.models.routing import record_routing
+from sapo.rollout import HFEngine, TorchEngine
+from sapo.rollout.lean_decoder import lean_unsupported
+from tests.rollout.conftest import (
     UNUSED_EOS,
     VOCAB,
     run,
@@ -14,11 +19,6 @@ from conftest import (
     tiny_qwen3_moe,
     tiny_qwen3_vl,
 )
-from transformers import Qwen3ForCausalLM, Qwen3MoeForCausalLM
-
-from sapo.models.routing import record_routing
-from sapo.rollout import HFEngine, TorchEngine
-from sapo.rollout.lean_decoder import lean_unsupported
 
 
 def test_greedy_matches_hf_generate_and_the_hf_forward_path(model, prompts):
@@ -84,7 +84,7 @@ BF16_PROBE = """
 import copy, json, sys
 import torch
 sys.path.insert(0, sys.argv[1])
-from conftest import VOCAB, teacher_forced_logprobs, tiny_qwen3_moe
+from tests.rollout.conftest import VOCAB, teacher_forced_logprobs, tiny_qwen3_moe
 from sapo.rollout import SamplingParams, TorchEngine
 g = torch.Generator().manual_seed(1)
 prompts = [torch.randint(1, VOCAB, (n,), generator=g).tolist() for n in [3, 7, 5, 1, 6]]
@@ -118,7 +118,7 @@ def test_bf16_sampler_and_trainer_differ_by_less_than_bf16_itself(kernels):
     from pathlib import Path
 
     env = {**os.environ, "ATEN_CPU_CAPABILITY": kernels, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", BF16_PROBE, str(Path(__file__).parent)], env=env,
+    done = subprocess.run([sys.executable, "-c", BF16_PROBE, str(Path(__file__).parents[2])], env=env,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])

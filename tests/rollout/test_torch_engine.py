@@ -1,10 +1,16 @@
 import pytest
 import torch
-from conftest import VOCAB, image_prompt_rows, teacher_forced_logprobs, tiny_qwen3, tiny_qwen3_vl
 from transformers import Qwen3ForCausalLM
 
 from sapo.rollout import HFEngine, SamplingParams, TorchEngine, make_engine
 from sapo.rollout.torch_engine import PreallocatedLayer, make_kv_cache
+from tests.rollout.conftest import (
+    VOCAB,
+    image_prompt_rows,
+    teacher_forced_logprobs,
+    tiny_qwen3,
+    tiny_qwen3_vl,
+)
 
 UNUSED_EOS = [VOCAB + 7]  # outside the vocabulary: never produced
 

@@ -3,9 +3,9 @@ samples the weights last given to load_weights; every batch says which policy ve
 
 import pytest
 import torch
-from conftest import VOCAB, tiny_qwen3, tiny_qwen3_moe
 
 from sapo.rollout import OwnCopyTorchEngine, SamplingParams, TorchEngine, make_engine
+from tests.rollout.conftest import VOCAB, tiny_qwen3, tiny_qwen3_moe
 
 PROMPTS = [[3, 4, 5], [6, 7], [8, 9, 10, 11]]
 
