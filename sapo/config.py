@@ -85,6 +85,11 @@ class TrainConfig:
         500, "supervised warm-start steps for builtin:* models (the starting policy; cached per value)",
         group="model",
     )
+    warmstart_hard_fraction: float = _opt(
+        0.0, "share of the built-in warm start's worked solutions that are builtin:arith-hard problems (3 "
+        "operations; the rest are builtin:arith): the demonstrations that exist for the coverage-gap task",
+        group="model",
+    )
     warmstart_label_smoothing: float = _opt(
         0.05, "label smoothing of the built-in warm start's cross-entropy", group="model",
     )
@@ -97,7 +102,7 @@ class TrainConfig:
     # ---- data -----------------------------------------------------------------------------
     dataset: str = _opt(
         "builtin:arith",
-        "training prompts: builtin:arith, builtin:vl-digits (image prompts), gsm8k:PATH, math500:PATH, aime24:PATH, amc23:PATH, "
+        "training prompts: builtin:arith, builtin:arith-hard (3 operations, answers of 2+ digits), builtin:vl-digits (image prompts), gsm8k:PATH, math500:PATH, aime24:PATH, amc23:PATH, "
         "reasoning_gym:TASK, or a .jsonl/.parquet path (see prompt_field/answer_field)",
         group="data",
     )
@@ -286,6 +291,8 @@ class TrainConfig:
             raise ConfigError(f"eval_top_p must be in (0, 1], or -1 for the training top_p, got {self.eval_top_p}")
         if self.eval_top_k < -1:
             raise ConfigError(f"eval_top_k must be >= 0, or -1 for the training top_k, got {self.eval_top_k}")
+        if not 0 <= self.warmstart_hard_fraction <= 1:
+            raise ConfigError(f"warmstart_hard_fraction must be in [0, 1], got {self.warmstart_hard_fraction}")
         if any(not (0 < t <= 10) for t in self.eval_temperatures):
             raise ConfigError(f"eval_temperatures must be in (0, 10] (eval_greedy reports greedy decoding), "
                               f"got {self.eval_temperatures}")

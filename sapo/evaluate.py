@@ -184,7 +184,7 @@ def run_eval(cfg) -> dict[str, float]:
     from sapo.training.policy import load_policy
     from sapo.training.tasks import load_task
 
-    specs = [s for s in (cfg.eval_dataset or ("builtin:arith" if cfg.dataset == "builtin:arith" else "")).split(",")
+    specs = [s for s in (cfg.eval_dataset or (cfg.dataset if cfg.dataset in ("builtin:arith", "builtin:arith-hard") else "")).split(",")
              if s]
     if not specs:
         raise ConfigError("sapo eval needs eval_dataset=... (e.g. math500:../shared/data/math500/test.jsonl)")
