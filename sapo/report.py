@@ -121,7 +121,7 @@ def write_report(output_dir: str | Path) -> Path:
                 best_t = max(common, key=start.get)
                 lines += ["", f"At the starting policy's best temperature (T = {best_t:g}) Pass@1 went from "
                           f"{start[best_t]:.3f} to {end[best_t]:.3f} ({100 * (end[best_t] - start[best_t]):+.1f} "
-                          "points): the gain that is not only a sharper distribution."]
+                          "points; a change at a fixed temperature, so not a change of sharpness alone)."]
         lines.append("")
     train_rows = [r for r in rows if "reward/mean" in r]
     if train_rows:

@@ -33,4 +33,4 @@ def test_report_plots_pass_at_1_against_temperature_for_the_start_and_the_end(tm
     assert (tmp_path / "plots" / "pass_at_1_temperature.png").exists()
     assert "| step 0 (start) | 0.500 | 0.250 | 0.500 (T = 0.5) | 0.500 |" in report
     assert "| step 4 (final) | 0.750 | 0.625 | 0.750 (T = 0.5) | 0.750 |" in report
-    assert "At the starting policy's best temperature (T = 0.5) Pass@1 went from 0.500 to 0.750 (+25.0 points)" in report
+    assert "At the starting policy's best temperature (T = 0.5) Pass@1 went from 0.500 to 0.750 (+25.0 points;" in report
