@@ -14,6 +14,8 @@ Where they write, without a network:
     the experiment (default "sapo").
 
 A resumed run continues the same wandb / MLflow run: their ids are kept in output_dir/trackers.json.
+Steps logged after the checkpoint being resumed are logged again: TensorBoard purges the old ones (as
+metrics.jsonl does), wandb keeps the first value of a step it has seen, and MLflow keeps both values.
 wandb and mlflow are optional extras (`pip install sapo-rl[wandb]`, `[mlflow]`); asking for one that is
 not installed is an error that says what to install, raised before any training.
 """
