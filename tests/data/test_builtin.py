@@ -100,3 +100,13 @@ def test_warm_start_cache_key_ignores_an_unset_hard_fraction():
 
     assert "hard_fraction" not in WarmStartRecipe().cache_fields()  # the caches built before it stay valid
     assert WarmStartRecipe(hard_fraction=0.1).cache_fields()["hard_fraction"] == 0.1
+
+
+def test_the_coverage_gap_config_validates():
+    from pathlib import Path
+
+    from sapo.config import build_config
+
+    cfg = build_config(Path(__file__).resolve().parents[2] / "configs" / "arith-hard.yaml")
+    assert cfg.dataset == "builtin:arith-hard" and cfg.warmstart_hard_fraction == 0.1
+    assert cfg.eval_temperatures == [0.3, 0.5, 0.7, 1.0]
