@@ -6,7 +6,7 @@ BIN = $(VENV)/bin
 # CPU wheel present on this machine instead of a multi-GB CUDA build. Override TORCH_SPEC on a GPU box.
 TORCH_SPEC ?= torch==2.13.0
 # what the tests and the built-in default need; trl and triton make the TRL and Triton-interpreter tests run
-EXTRAS ?= dev,gguf,tasks,vl,lora,trl,triton
+EXTRAS ?= dev,gguf,tasks,vl,lora,trl,triton,wandb
 
 $(BIN)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)

@@ -80,7 +80,7 @@ class StudyGrid:
 
 
 _QUIET = {"progress": "false", "tensorboard": "false", "report": "false", "log_samples": "2", "threads": "1",
-          "keep_checkpoints": "1", "eval_greedy": "false"}
+          "keep_checkpoints": "1", "eval_greedy": "false", "eval_temperatures": "[]"}
 
 
 def _build(name: str, base: dict, *, main_lr: float, lrs: list[float], seeds: list[int], minibatches: list[int],

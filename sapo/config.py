@@ -85,6 +85,11 @@ class TrainConfig:
         500, "supervised warm-start steps for builtin:* models (the starting policy; cached per value)",
         group="model",
     )
+    warmstart_hard_fraction: float = _opt(
+        0.0, "share of the built-in warm start's worked solutions that are builtin:arith-hard problems (3 "
+        "operations; the rest are builtin:arith): the demonstrations that exist for the coverage-gap task",
+        group="model",
+    )
     warmstart_label_smoothing: float = _opt(
         0.05, "label smoothing of the built-in warm start's cross-entropy", group="model",
     )
@@ -97,7 +102,7 @@ class TrainConfig:
     # ---- data -----------------------------------------------------------------------------
     dataset: str = _opt(
         "builtin:arith",
-        "training prompts: builtin:arith, builtin:vl-digits (image prompts), gsm8k:PATH, math500:PATH, aime24:PATH, amc23:PATH, "
+        "training prompts: builtin:arith, builtin:arith-hard (3 operations, answers of 2+ digits), builtin:vl-digits (image prompts), gsm8k:PATH, math500:PATH, aime24:PATH, amc23:PATH, "
         "reasoning_gym:TASK, or a .jsonl/.parquet path (see prompt_field/answer_field)",
         group="data",
     )
@@ -216,6 +221,11 @@ class TrainConfig:
     eval_top_p: float = _opt(-1.0, "eval nucleus threshold (-1: the training top_p)", group="eval")
     eval_top_k: int = _opt(-1, "eval top-k (-1: the training top_k; 0 = off)", group="eval")
     eval_greedy: bool = _opt(True, "also report greedy accuracy", group="eval")
+    eval_temperatures: list[float] = _opt(
+        [0.3, 0.5, 0.7, 1.0], "at step 0 and at the end, also Pass@1 at each of these temperatures "
+        "(eval/pass@1_T<t>, e.g. eval/pass@1_T0.5; [] = off): whether RL taught more than a temperature",
+        group="eval",
+    )
     eval_batch_size: int = _opt(
         0, "completions per generate call in evaluation (0: 512 during training, 64 in sapo eval, whose "
         "progress bar moves once per call)", group="eval",
@@ -237,7 +247,11 @@ class TrainConfig:
         "weights, gradients all-reduced); auto = fsdp (sapo/distributed.py)", ("auto", "fsdp", "ddp"),
     )
     log_samples: int = _opt(4, "completions per step written to samples.jsonl")
-    tensorboard: bool = _opt(True, "write TensorBoard events to output_dir/tensorboard")
+    report_to: list[str] = _opt(
+        ["tensorboard"], "trackers besides metrics.jsonl (TRL's names): tensorboard, wandb (offline unless "
+        "WANDB_MODE=online), mlflow (MLFLOW_TRACKING_URI, else output_dir/mlruns), none; e.g. report_to=wandb,mlflow",
+    )
+    tensorboard: bool = _opt(True, "deprecated, use report_to: false removes tensorboard from report_to")
     progress: bool = _opt(True, "show a progress bar")
     report: bool = _opt(True, "write report.md with plots at the end")
 
@@ -277,6 +291,17 @@ class TrainConfig:
             raise ConfigError(f"eval_top_p must be in (0, 1], or -1 for the training top_p, got {self.eval_top_p}")
         if self.eval_top_k < -1:
             raise ConfigError(f"eval_top_k must be >= 0, or -1 for the training top_k, got {self.eval_top_k}")
+        if not 0 <= self.warmstart_hard_fraction <= 1:
+            raise ConfigError(f"warmstart_hard_fraction must be in [0, 1], got {self.warmstart_hard_fraction}")
+        if any(not (0 < t <= 10) for t in self.eval_temperatures):
+            raise ConfigError(f"eval_temperatures must be in (0, 10] (eval_greedy reports greedy decoding), "
+                              f"got {self.eval_temperatures}")
+        from sapo.trackers import check_installed, resolve_report_to
+
+        try:
+            check_installed(resolve_report_to(self.report_to, tensorboard=self.tensorboard))
+        except (ValueError, ImportError) as err:
+            raise ConfigError(str(err)) from None
         from sapo.rollout.registry import engine_names
 
         if self.engine not in engine_names():

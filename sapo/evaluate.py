@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -67,6 +67,7 @@ class EvalSettings:
     ks: tuple[int, ...] = (1,)
     greedy: bool = True  # also greedy accuracy
     batch_rows: int = 512  # completions per generate call
+    temperatures: tuple[float, ...] = ()  # temperature_sweep: Pass@1 at each (eval/pass@1_T<t>)
 
     @classmethod
     def from_config(cls, cfg, *, batch_rows: int | None = None) -> EvalSettings:
@@ -79,6 +80,7 @@ class EvalSettings:
             top_k=cfg.top_k if cfg.eval_top_k < 0 else cfg.eval_top_k,
             max_new_tokens=cfg.max_completion_length, ks=tuple(int(k) for k in cfg.eval_pass_k),
             greedy=cfg.eval_greedy, batch_rows=batch_rows or cfg.eval_batch_size or 512,
+            temperatures=tuple(float(t) for t in cfg.eval_temperatures),
         )
 
 
@@ -156,6 +158,25 @@ def evaluate_items(engine, policy, items, correctness, settings: EvalSettings, *
     )
 
 
+def temperature_key(prefix: str, temperature: float) -> str:
+    """The metric name of Pass@1 at one temperature: eval/pass@1_T0.5, eval/pass@1_T1."""
+    return f"{prefix}/pass@1_T{temperature:g}"
+
+
+def temperature_sweep(engine, policy, items, correctness, settings: EvalSettings, *, generator: torch.Generator,
+                      prefix: str = "eval", progress: Callable[[int], None] | None = None) -> dict[str, float]:
+    """Pass@1 (avg@n, settings.num_samples per problem) at each of settings.temperatures, the other
+    sampling settings unchanged. Why: a policy whose Pass@1 at T = 1 rises may only have become
+    sharper; the warm start's best Pass@1 over temperatures is the bar that RL has to clear."""
+    out = {}
+    for t in settings.temperatures:
+        at_t = replace(settings, temperature=t, ks=(1,), greedy=False)
+        result = evaluate_items(engine, policy, items, correctness, at_t, generator=generator, prefix=prefix,
+                                progress=progress)
+        out[temperature_key(prefix, t)] = result.metrics[f"{prefix}/pass@1"]
+    return out
+
+
 def run_eval(cfg) -> dict[str, float]:
     """`sapo eval`: evaluate cfg.model on cfg.eval_dataset (comma-separated for several benchmarks)."""
     from sapo.config import ConfigError
@@ -163,7 +184,7 @@ def run_eval(cfg) -> dict[str, float]:
     from sapo.training.policy import load_policy
     from sapo.training.tasks import load_task
 
-    specs = [s for s in (cfg.eval_dataset or ("builtin:arith" if cfg.dataset == "builtin:arith" else "")).split(",")
+    specs = [s for s in (cfg.eval_dataset or (cfg.dataset if cfg.dataset in ("builtin:arith", "builtin:arith-hard") else "")).split(",")
              if s]
     if not specs:
         raise ConfigError("sapo eval needs eval_dataset=... (e.g. math500:../shared/data/math500/test.jsonl)")
@@ -175,26 +196,32 @@ def run_eval(cfg) -> dict[str, float]:
         sub = type(cfg)(**{**cfg.__dict__, "eval_dataset": spec, "dataset": spec})
         task = load_task(sub, policy.tokenizer, policy.processor, eval_only=True)
         name = spec.split(":", 1)[0] if ":" in spec else spec
-        total = len(task.eval) * (settings.num_samples + (1 if settings.greedy else 0))
+        total = len(task.eval) * (settings.num_samples * (1 + len(settings.temperatures)) + (1 if settings.greedy else 0))
         bar = _progress_bar(total, f"sapo eval {name}", enabled=cfg.progress)
         try:
             result = evaluate_items(engine, policy, task.eval, task.correctness, settings,
                                     generator=torch.Generator().manual_seed(cfg.seed), prefix=f"eval/{name}",
                                     progress=bar.update if bar is not None else None)
+            result.metrics.update(temperature_sweep(
+                engine, policy, task.eval, task.correctness, settings, prefix=f"eval/{name}",
+                generator=torch.Generator().manual_seed(cfg.seed + 1), progress=bar.update if bar is not None else None))
         finally:
             if bar is not None:
                 bar.close()
         all_metrics.update(result.metrics)
         table.append((name, result.metrics))
     ks = [int(k) for k in cfg.eval_pass_k if int(k) != 1]
-    header = "| benchmark | problems | Pass@1 (avg@n) | " + " | ".join(f"pass@{k}" for k in ks) + " | greedy |"
+    temps = settings.temperatures
+    header = ("| benchmark | problems | Pass@1 (avg@n) | " + " | ".join(f"pass@{k}" for k in ks) + " | greedy |"
+              + "".join(f" Pass@1 T={t:g} |" for t in temps))
     print(header)
-    print("|---|---:|---:|" + "---:|" * len(ks) + "---:|")
+    print("|---|---:|---:|" + "---:|" * len(ks) + "---:|" + "---:|" * len(temps))
     for name, m in table:
         p = f"eval/{name}"
         cells = " | ".join(f"{m.get(f'{p}/pass@{k}', float('nan')):.3f}" for k in ks)
         print(f"| {name} | {int(m[f'{p}/num_problems'])} | {m[f'{p}/pass@1']:.3f} | {cells} | "
-              f"{m.get(f'{p}/greedy', float('nan')):.3f} |")
+              f"{m.get(f'{p}/greedy', float('nan')):.3f} |"
+              + "".join(f" {m[temperature_key(p, t)]:.3f} |" for t in temps))
     return all_metrics
 
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import math
+import re
 from pathlib import Path
 
 from sapo.tracking import read_metrics
+
+_TEMP_KEY = re.compile(r"eval/pass@1_T([0-9.eE+-]+)")
 
 PANELS = [
     # (file stem, title, [(metric key, label)])
@@ -76,6 +79,10 @@ def write_report(output_dir: str | Path) -> Path:
         plt.close(fig)
         images.append((title, path.relative_to(output_dir)))
 
+    curves = temperature_curves(rows)
+    if curves:
+        images.append(("Pass@1 against sampling temperature", _plot_temperature(curves, plots).relative_to(output_dir)))
+
     evals = [r for r in rows if "eval/pass@1" in r]
     lines = [f"# Run report: {output_dir.name}", ""]
     config = output_dir / "config.yaml"
@@ -98,6 +105,24 @@ def write_report(output_dir: str | Path) -> Path:
         lines += ["", f"Pass@1 went from {first['eval/pass@1']:.3f} (step {first['step']}) to "
                   f"{last['eval/pass@1']:.3f} (step {last['step']}); best {best['eval/pass@1']:.3f} "
                   f"at step {best['step']}.", ""]
+    if curves:
+        temps = sorted({t for _, curve, _ in curves for t in curve})
+        lines += ["## Pass@1 against temperature", "",
+                  "| policy | " + " | ".join(f"T = {t:g}" for t in temps) + " | best | greedy |",
+                  "|---|" + "---:|" * (len(temps) + 2)]
+        for label, curve, greedy in curves:
+            best_t = max(curve, key=curve.get)
+            lines.append(f"| {label} | " + " | ".join(_fmt(curve.get(t)) for t in temps)
+                         + f" | {curve[best_t]:.3f} (T = {best_t:g}) | {_fmt(greedy)} |")
+        if len(curves) == 2:
+            (_, start, _), (_, end, _) = curves
+            common = [t for t in start if t in end]
+            if common:
+                best_t = max(common, key=start.get)
+                lines += ["", f"At the starting policy's best temperature (T = {best_t:g}) Pass@1 went from "
+                          f"{start[best_t]:.3f} to {end[best_t]:.3f} ({100 * (end[best_t] - start[best_t]):+.1f} "
+                          "points; a change at a fixed temperature, so not a change of sharpness alone)."]
+        lines.append("")
     train_rows = [r for r in rows if "reward/mean" in r]
     if train_rows:
         gate_keys = ["sapo/gate_mean", "sapo/gate_mean_pos", "sapo/gate_mean_neg", "sapo/gate_lt_0.5_frac",
@@ -119,6 +144,45 @@ def write_report(output_dir: str | Path) -> Path:
     report = output_dir / "report.md"
     report.write_text("\n".join(lines))
     return report
+
+
+def temperature_curves(rows: list[dict]) -> list[tuple[str, dict[float, float], float | None]]:
+    """(label, {temperature: Pass@1}, greedy) of the first and the last rows with eval/pass@1_T<t> keys
+    (the starting and the final policy), or of the one such row."""
+    swept = []
+    for row in rows:
+        curve = {}
+        for key, value in row.items():
+            match = _TEMP_KEY.fullmatch(key)
+            if match and isinstance(value, int | float) and math.isfinite(value):
+                curve[float(match.group(1))] = float(value)
+        if curve:
+            swept.append((row, curve))
+    if not swept:
+        return []
+    chosen = [swept[0]] if len(swept) == 1 else [swept[0], swept[-1]]
+    return [(f"step {int(row['step'])}" + (" (start)" if i == 0 else " (final)"), dict(sorted(curve.items())),
+             row.get("eval/greedy")) for i, (row, curve) in enumerate(chosen)]
+
+
+def _plot_temperature(curves, plots: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    for label, curve, greedy in curves:
+        line = ax.plot(list(curve), list(curve.values()), marker="o", ms=4, label=f"{label}, Pass@1")[0]
+        if isinstance(greedy, int | float):
+            ax.axhline(greedy, color=line.get_color(), ls="--", lw=1, label=f"{label}, greedy")
+    ax.set_title("Held-out Pass@1 against sampling temperature", fontsize=10)
+    ax.set_xlabel("temperature")
+    ax.set_ylabel("Pass@1 (avg@n)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    path = plots / "pass_at_1_temperature.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _fmt(value) -> str:

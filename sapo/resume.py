@@ -33,7 +33,7 @@ from sapo.runlock import RunLock, RunLockedError, is_rank_zero
 from sapo.storage import StorageError, describe_os_error
 
 RESUMABLE_OVERRIDES = {"max_steps", "threads", "progress", "eval_steps", "save_steps", "keep_checkpoints", "resume",
-                       "tensorboard", "report", "parallel", "trust_saved_rewards"}
+                       "tensorboard", "report_to", "report", "parallel", "trust_saved_rewards"}
 FINAL_MODEL = "final_model"
 
 

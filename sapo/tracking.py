@@ -1,4 +1,5 @@
-"""Run outputs: metrics.jsonl (one row per step), samples.jsonl, TensorBoard events.
+"""Run outputs: metrics.jsonl (one row per step), samples.jsonl, and the trackers of report_to
+(TensorBoard, wandb, MLflow: sapo.trackers).
 
 On resume, rows written after the checkpoint being resumed are dropped, so each step appears
 exactly once in metrics.jsonl and samples.jsonl.
@@ -43,7 +44,15 @@ def _clean(value: Any) -> Any:
 
 
 class RunLogger:
-    def __init__(self, output_dir: str | Path, *, tensorboard: bool = True, resume_step: int | None = None):
+    """metrics.jsonl and samples.jsonl (always), and the external trackers named in `report_to`.
+
+    `tensorboard=` is the old switch, kept so callers that pass it still work: False removes
+    tensorboard from report_to."""
+
+    def __init__(self, output_dir: str | Path, *, report_to: tuple[str, ...] | list[str] = ("tensorboard",),
+                 tensorboard: bool = True, resume_step: int | None = None, config: dict | None = None):
+        from sapo.trackers import Trackers, resolve_report_to
+
         self.output_dir = Path(output_dir)
         self.output_dir.mkdir(parents=True, exist_ok=True)
         self.metrics_path = self.output_dir / "metrics.jsonl"
@@ -55,24 +64,15 @@ class RunLogger:
         else:
             _truncate_jsonl(self.metrics_path, resume_step)
             _truncate_jsonl(self.samples_path, resume_step)
-        self._tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self._tb = SummaryWriter(str(self.output_dir / "tensorboard"), purge_step=resume_step)
-            except ImportError:  # tensorboard is a dependency, but keep logging if it is absent
-                self._tb = None
+        self.trackers = Trackers(self.output_dir, resolve_report_to(report_to, tensorboard=tensorboard),
+                                 resume_step=resume_step, config=config)
 
     def log(self, step: int, metrics: dict[str, Any]) -> None:
         row = {"step": step, **{k: _clean(v) for k, v in metrics.items()}}
         with open(self.metrics_path, "a") as f:
             f.write(json.dumps(row) + "\n")
             f.flush()
-        if self._tb is not None:
-            for key, value in metrics.items():
-                if isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value):
-                    self._tb.add_scalar(key, value, step)
+        self.trackers.log(step, metrics)
 
     def log_samples(self, step: int, rows: list[dict]) -> None:
         with open(self.samples_path, "a") as f:
@@ -80,13 +80,10 @@ class RunLogger:
                 f.write(json.dumps({"step": step, **row}) + "\n")
 
     def flush(self) -> None:
-        if self._tb is not None:
-            self._tb.flush()
+        self.trackers.flush()
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        self.trackers.close()
 
 
 class NullLogger:

@@ -21,8 +21,8 @@ import torch
 
 from sapo import checkpoint as ckpt
 from sapo import distributed
-from sapo.config import ConfigError, TrainConfig, save_config
-from sapo.evaluate import EvalSettings, evaluate_items
+from sapo.config import ConfigError, TrainConfig, config_to_dict, save_config
+from sapo.evaluate import EvalSettings, evaluate_items, temperature_sweep
 from sapo.resume import RESUMABLE_OVERRIDES, resolve_resume, start_run  # noqa: F401  (re-exported)
 from sapo.rollout import RolloutEngine, make_engine
 from sapo.tracking import NullLogger, RunLogger
@@ -176,8 +176,9 @@ def train(cfg: TrainConfig, overrides: dict | None = None) -> dict:
 
 def _loop(run: Run) -> dict:
     cfg, state, info = run.cfg, run.state, run.info
-    logger = RunLogger(run.out_dir, tensorboard=cfg.tensorboard,
-                       resume_step=state.step if run.resumed else None) if info.is_main else NullLogger()
+    logger = RunLogger(run.out_dir, report_to=cfg.report_to, tensorboard=cfg.tensorboard,
+                       resume_step=state.step if run.resumed else None,
+                       config=config_to_dict(cfg)) if info.is_main else NullLogger()
     progress = _progress_bar(cfg, state.step) if info.is_main else None
     step_metrics: dict[str, float] = {}
     with _StopFlag() as stop:
@@ -396,8 +397,12 @@ def evaluate_policy(run: Run, step: int) -> dict[str, float]:
         t0 = time.perf_counter()
         own_stream = torch.Generator().manual_seed(run.cfg.seed * 7919 + step)
         engine = make_engine(run.cfg.engine, run.policy.model) if run.engine.owns_weights else run.engine
-        result = evaluate_items(engine, run.policy, run.task.eval, run.task.correctness,
-                                EvalSettings.from_config(run.cfg), generator=own_stream)
+        settings = EvalSettings.from_config(run.cfg)
+        result = evaluate_items(engine, run.policy, run.task.eval, run.task.correctness, settings,
+                                generator=own_stream)
+        if step in (0, run.cfg.max_steps):  # the temperature curve of the start and of the final policy
+            result.metrics.update(temperature_sweep(engine, run.policy, run.task.eval, run.task.correctness,
+                                                    settings, generator=own_stream))
         result.metrics["time/eval"] = time.perf_counter() - t0
         return result.metrics
 

@@ -14,7 +14,7 @@ LAYERS = {
     "sapo.ops": 2,
     "sapo.models": 3, "sapo.rollout": 3, "sapo.rewards": 3, "sapo.data": 3,
     "sapo.config": 3.5, "sapo.checkpoint": 3.5, "sapo.tracking": 3.5, "sapo.distributed": 3.5,
-    "sapo.storage": 3.5, "sapo.runlock": 3.5,
+    "sapo.storage": 3.5, "sapo.runlock": 3.5, "sapo.trackers": 3.5,
     "sapo.train": 4, "sapo.training": 4, "sapo.evaluate": 4, "sapo.resume": 4,
     "sapo.cli": 5, "sapo.report": 5, "sapo.compare": 5, "sapo.compare_plots": 5, "sapo.__main__": 5,
 }

@@ -133,6 +133,25 @@ def builtin_dataset(split: str = "train", n: int = 1000, seed: int = 0, *, heldo
     )
 
 
+HARD_OPS = 3  # builtin:arith-hard: operations per problem
+HARD_MIN_ABS_ANSWER = 10  # and answers of two digits or more, so that guessing cannot score
+
+
+def hard_dataset(split: str = "train", n: int = 1000, seed: int = 0) -> ExampleList:
+    """``builtin:arith-hard``: ``n`` problems of HARD_OPS operations whose answer has at least two
+    digits. The coverage-gap task: the warm start's worked solutions are mostly 1-2 operations
+    (``warmstart_hard_fraction`` of them are hard), RL trains on these with final answers only."""
+    pool = builtin_dataset(split, 3 * n + 50, seed=seed + 1, min_ops=HARD_OPS, max_ops=HARD_OPS)
+    kept = [e for e in pool if abs(int(e.answer)) >= HARD_MIN_ABS_ANSWER]
+    if len(kept) < n:
+        raise ValueError(f"builtin:arith-hard found only {len(kept)} {split} problems of the {n} asked")
+    out = ExampleList(source=f"builtin:arith-hard[{split}]")
+    for e in kept[:n]:
+        e.meta["task"] = "builtin:arith-hard"
+        out.append(e)
+    return out
+
+
 def sample_split(split: str, n: int, rng: random.Random, d: ArithDifficulty, heldout_fraction: float,
                  examples: ExampleList, build, *, too_few: str) -> ExampleList:
     """Draw problems until `examples` holds n of `split`: the split is a hash of the prompt

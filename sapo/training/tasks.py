@@ -34,11 +34,18 @@ class TaskData:
     skipped: dict[str, int] = field(default_factory=dict)
 
 
+BUILTIN_TASKS = ("builtin:arith", "builtin:arith-hard", "builtin:vl-digits")  # with a held-out split of their own
+
+
 def _load_examples(spec: str, cfg: TrainConfig, split: str, n: int):
     from sapo.data import builtin_dataset, load_dataset_spec
 
     if spec == "builtin:arith":
         return builtin_dataset(split, n, seed=cfg.seed)
+    if spec == "builtin:arith-hard":
+        from sapo.data.builtin import hard_dataset
+
+        return hard_dataset(split, n, seed=cfg.seed)
     try:
         if spec.startswith(("reasoning_gym:", "builtin:")):
             extra = {"split": split, "n": n}
@@ -74,7 +81,7 @@ def load_examples(cfg: TrainConfig, *, eval_only: bool = False) -> tuple[list, l
     """(train examples, eval examples), read and checked without a tokenizer: a bad data file is a
     ConfigError before any model is built or loaded."""
     train_examples = [] if eval_only else _load_examples(cfg.dataset, cfg, "train", cfg.train_size)
-    eval_spec = cfg.eval_dataset or (cfg.dataset if cfg.dataset in ("builtin:arith", "builtin:vl-digits") else "")
+    eval_spec = cfg.eval_dataset or (cfg.dataset if cfg.dataset in BUILTIN_TASKS else "")
     eval_examples = _load_examples(eval_spec, cfg, "test", cfg.eval_num_problems) if eval_spec else []
     if cfg.eval_steps and eval_examples and len(eval_examples) > cfg.eval_num_problems:
         eval_examples = eval_examples[: cfg.eval_num_problems]

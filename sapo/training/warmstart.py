@@ -37,11 +37,20 @@ class WarmStartRecipe:
     label_smoothing: float = 0.0
     seed: int = 0
     train_size: int = 20000
+    hard_fraction: float = 0.0  # share of the worked solutions drawn from builtin:arith-hard (the rest: builtin:arith)
 
     @classmethod
     def from_config(cls, cfg) -> WarmStartRecipe:
         """The recipe a TrainConfig asks for (its warmstart_* keys)."""
-        return cls(steps=cfg.warmstart_steps, label_smoothing=cfg.warmstart_label_smoothing)
+        return cls(steps=cfg.warmstart_steps, label_smoothing=cfg.warmstart_label_smoothing,
+                   hard_fraction=cfg.warmstart_hard_fraction)
+
+    def cache_fields(self) -> dict:
+        """The fields the cache key hashes: hard_fraction only when set, so older caches stay valid."""
+        fields = asdict(self)
+        if not fields["hard_fraction"]:
+            del fields["hard_fraction"]
+        return fields
 
 
 def cache_root() -> Path:
@@ -127,9 +136,15 @@ def builtin_sft_data(tokenizer, recipe: WarmStartRecipe, processor=None) -> tupl
         from sapo.data.visual_task import warmstart_inputs
 
         return warmstart_inputs(processor, recipe.train_size, seed=recipe.seed)
-    from sapo.data.builtin import builtin_dataset, reference_completion
+    from sapo.data.builtin import builtin_dataset, hard_dataset, reference_completion
 
-    examples = builtin_dataset("train", recipe.train_size, seed=recipe.seed)
+    n_hard = int(round(recipe.hard_fraction * recipe.train_size))
+    examples = list(builtin_dataset("train", recipe.train_size - n_hard, seed=recipe.seed))
+    if n_hard:  # the few worked solutions of hard problems that exist, shuffled among the easy ones
+        import random
+
+        examples += list(hard_dataset("train", n_hard, seed=recipe.seed + 1))
+        random.Random(recipe.seed).shuffle(examples)
     prompt_ids = [tokenizer.encode(e.prompt, add_special_tokens=False) for e in examples]
     target_ids = [tokenizer.encode(reference_completion(e), add_special_tokens=False) + [tokenizer.eos_token_id]
                   for e in examples]
@@ -147,7 +162,7 @@ def builtin_model_path(name: str, recipe: WarmStartRecipe | None = None, *, verb
         raise ValueError(f"unknown built-in model {name!r}; choose one of {', '.join(BUILTIN_MODELS)}")
     recipe = recipe or WarmStartRecipe()
     arch = BUILTIN_MODELS[name]
-    key = hashlib.sha256(json.dumps({"name": name, "alphabet": BUILTIN_ALPHABET, **asdict(recipe)},
+    key = hashlib.sha256(json.dumps({"name": name, "alphabet": BUILTIN_ALPHABET, **recipe.cache_fields()},
                                     sort_keys=True).encode()).hexdigest()[:12]
     folder = cache_root() / f"{name.split(':', 1)[1]}-{key}"
     if (folder / "config.json").exists():

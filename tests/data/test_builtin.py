@@ -79,3 +79,34 @@ def test_graded_exactly_by_the_fast_path():
         assert reward.metrics()["math/verify_calls"] == 0
     finally:
         reward.close()
+
+
+def test_hard_task_has_three_operations_and_two_digit_answers_disjoint_from_its_train_split():
+    from sapo.data.builtin import hard_dataset, parse_prompt, worked_steps
+    from sapo.data.spec import load_dataset_spec
+
+    test = hard_dataset("test", 100, seed=0)
+    train = hard_dataset("train", 300, seed=0)
+    for e in list(test) + list(train):
+        operands, operators = parse_prompt(e.prompt)
+        assert len(operators) == 3 and abs(int(e.answer)) >= 10
+        assert worked_steps(operands, operators)[1] == int(e.answer)
+    assert len({e.prompt for e in test}) == 100 and not {e.prompt for e in test} & {e.prompt for e in train}
+    assert [e.prompt for e in load_dataset_spec("builtin:arith-hard", split="test", n=100)] == [e.prompt for e in test]
+
+
+def test_warm_start_cache_key_ignores_an_unset_hard_fraction():
+    from sapo.training.warmstart import WarmStartRecipe
+
+    assert "hard_fraction" not in WarmStartRecipe().cache_fields()  # the caches built before it stay valid
+    assert WarmStartRecipe(hard_fraction=0.1).cache_fields()["hard_fraction"] == 0.1
+
+
+def test_the_coverage_gap_config_validates():
+    from pathlib import Path
+
+    from sapo.config import build_config
+
+    cfg = build_config(Path(__file__).resolve().parents[2] / "configs" / "arith-hard.yaml")
+    assert cfg.dataset == "builtin:arith-hard" and cfg.warmstart_hard_fraction == 0.1
+    assert cfg.eval_temperatures == [0.3, 0.5, 0.7, 1.0]

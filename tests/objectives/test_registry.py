@@ -231,7 +231,7 @@ def test_a_shaping_by_reference_is_imported_on_first_use():
     ref, _ = policy_loss(logprobs, old, advantages, mask, "grpo", shaping="none", aggregation="token_mean",
                          with_metrics=False)
     assert torch.equal(ours, ref)
-    with pytest.raises(ValueError, match="shaping 'missing' .registered by module (tests\.objectives\.)?test_registry. refers to "
+    with pytest.raises(ValueError, match=r"shaping 'missing' .registered by module (tests\.objectives\.)?test_registry. refers to "
                                          "'sapo.objectives.shaping:no_such_function', which cannot be imported: "
                                          "AttributeError"):
         policy_loss(logprobs, old, advantages, mask, "o_missing")

@@ -1,5 +1,6 @@
 """End to end on the tiny built-in MoE model (real transformers model, no mocks)."""
 
+import importlib.util
 import json
 
 import pytest
@@ -52,6 +53,37 @@ def test_eval_logged_at_step_zero_and_end(tmp_path, sapo_cache):
     assert [r["step"] for r in evals] == [0, 2]
     assert evals[0]["eval/num_problems"] == 8 and evals[0]["eval/num_samples"] == 2
     assert 0 <= evals[0]["eval/pass@1"] <= 1 and "eval/greedy" in evals[0] and "eval/pass@2" in evals[0]
+
+
+def test_temperature_curve_at_the_start_and_the_end_only(tmp_path, sapo_cache):
+    _run(tmp_path, "temps", max_steps="3", eval_steps="2", eval_temperatures="[0.5,1.0]")
+    rows = [json.loads(line) for line in (tmp_path / "temps" / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r for r in rows if "eval/pass@1" in r}
+    assert sorted(evals) == [0, 2, 3]
+    for step in (0, 3):
+        assert 0 <= evals[step]["eval/pass@1_T0.5"] <= 1 and 0 <= evals[step]["eval/pass@1_T1"] <= 1
+        assert evals[step]["eval/pass@1_T0.5"] * 16 == int(evals[step]["eval/pass@1_T0.5"] * 16)  # 8 x 2 samples
+    assert not any(k.startswith("eval/pass@1_T") for k in evals[2])  # intermediate evaluations: no sweep
+
+
+@pytest.mark.skipif(importlib.util.find_spec("mlflow") is None or importlib.util.find_spec("wandb") is None,
+                    reason="the mlflow and wandb extras are not installed")
+def test_report_to_mlflow_and_wandb_offline(tmp_path, sapo_cache, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    _run(tmp_path, "trk", max_steps="2", eval_steps="5", eval_temperatures="[0.5]", report_to="mlflow,wandb")
+    out = tmp_path / "trk"
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    ids = json.loads((out / "trackers.json").read_text())
+    client = MlflowClient(f"sqlite:///{out / 'mlflow.db'}")
+    history = client.get_metric_history(ids["mlflow"], "eval/pass_at_1_T0.5")
+    assert [(m.step, m.value) for m in history] == [(r["step"], r["eval/pass@1_T0.5"]) for r in rows
+                                                     if "eval/pass@1_T0.5" in r]
+    assert [m.step for m in client.get_metric_history(ids["mlflow"], "reward/mean")] == [1, 2]
+    assert client.get_run(ids["mlflow"]).data.params["loss_type"] == "sapo"
+    assert list((out / "wandb").glob(f"offline-run-*-{ids['wandb']}/run-{ids['wandb']}.wandb"))
 
 
 def test_resume_continues_with_same_step_count(tmp_path, sapo_cache):
