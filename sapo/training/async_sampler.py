@@ -9,9 +9,9 @@ staleness_mode=async and staleness_mode=sync give the same rollouts, metrics and
     trainer:  send v0, ask 1 .. K+1 | train 1 | send v1, ask K+2 | train 2 | ...
     sampler:  sample 1, 2, ..., K+1 (v0)           | sample K+2 (v1) | ...
 
-The sampler process is forked where that is safe (CPU, or before CUDA starts): it starts with a
-copy-on-write copy of the trainer's memory, imports and model included, so it costs little more than
-the pages it writes. Otherwise it is spawned and builds the model from the run's own config
+The sampler process is forked where that is safe (no CUDA, and a single-threaded trainer, `threads=1`:
+forking after OpenMP started a thread pool hangs the child): it starts with a copy-on-write copy of the
+trainer's memory, imports and model included, so it costs little more than the pages it writes. Otherwise it is spawned and builds the model from the run's own config
 (`load_policy`), then takes all the trainer's weights once. Then it takes each new version of what
 trains (LoRA: the adapters). Engines that
 only exist in the trainer process (registered at run time) cannot be used here; built-in and
@@ -103,9 +103,12 @@ class AsyncSampler:
                  first_step: int, max_steps: int):
         self.history, self.make_request, self.max_steps = history, make_request, max_steps
         self.max_staleness = history.max_staleness
-        # fork where it is safe (no CUDA yet): the sampler shares the imports and the weights copy-on-write
-        # instead of loading both again (~330 MB of imports per process here); spawn otherwise
-        forked = "fork" in mp.get_all_start_methods() and not torch.cuda.is_initialized()
+        # fork where it is safe: the sampler then shares the imports and the weights copy-on-write instead of
+        # loading both again (~330 MB of imports per process here). Safe means no CUDA yet, and a trainer
+        # that never started an OpenMP thread pool (threads=1): a forked child's first parallel region
+        # waits forever for pool threads that were not copied. Spawn otherwise.
+        forked = ("fork" in mp.get_all_start_methods() and not torch.cuda.is_initialized() and cfg.threads == 1
+                  and torch.get_num_threads() == 1)
         context = mp.get_context("fork" if forked else "spawn")
         self.requests, self.results = context.Queue(), context.Queue()
         source = model if forked else cfg

@@ -69,3 +69,28 @@ def test_lora_sends_only_the_adapters_and_async_still_equals_sync(tmp_path, sapo
                                       "lr": "1e-2", "lora_rank": "4", "output_dir": str(outs[mode])}))
     assert _rows(outs["sync"]) == _rows(outs["async"])
     assert kept and all(names and all("lora_" in n for n in names) for names in kept)
+
+
+@pytest.mark.timeout(300)
+def test_a_multithreaded_trainer_spawns_its_sampler_and_does_not_hang(tmp_path, sapo_cache):
+    """threads=2: the trainer starts an OpenMP pool, after which a forked child would wait forever in its
+    first parallel region; the sampler is spawned instead and the run finishes."""
+    from sapo.training import async_sampler
+
+    out = tmp_path / "threads2"
+    starts = []
+    original = async_sampler.mp.get_context
+
+    def spy(method):
+        starts.append(method)
+        return original(method)
+
+    async_sampler.mp.get_context = spy
+    try:
+        train(build_config(overrides={**TINY, "threads": "2", "max_staleness": "1", "max_steps": "2",
+                                      "output_dir": str(out)}))
+    finally:
+        async_sampler.mp.get_context = original
+        torch.set_num_threads(1)
+    assert starts == ["spawn"]
+    assert [r["async/staleness"] for r in _rows(out)] == [0.0, 1.0]
