@@ -124,7 +124,8 @@ class AsyncSampler:
     def _send(self, version: int) -> float:
         t0 = time.perf_counter()
         if self._sent_version != version:
-            self.requests.put(("weights", version, _shared(self.history.weights(version))))
+            # the history's snapshots are CPU copies already, never written again: they travel as they are
+            self.requests.put(("weights", version, dict(self.history.weights(version))))
             self._sent_version = version
         return time.perf_counter() - t0
 
