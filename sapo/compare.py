@@ -1,4 +1,5 @@
-"""`sapo compare`: the MoE stability study. Several objectives, same task, model, data order and seeds.
+"""`sapo compare`: the MoE stability and off-policy studies. Several objectives, same task, model, data order
+and seeds; the grids are in compare_grids.py.
 
 Each run is `sapo train key=value ...` in its own subprocess (a crash or a NaN stop of one run never
 takes the study down), sequentially or `--jobs N` at a time. A run's folder is named by its config,
@@ -27,102 +28,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from sapo.checkpoint import EXIT_NONFINITE
+from sapo.compare_grids import (  # noqa: F401  (the grids' names are part of this module's API)
+    DENSE,
+    GRIDS,
+    MOE,
+    OBJECTIVES,
+    QUIET,
+    RunSpec,
+    StudyGrid,
+    custom_grid,
+    make_grid,
+)
 from sapo.tracking import read_metrics
 
-OBJECTIVES = ("sapo", "gspo", "grpo", "grpo_r2")  # row labels; grpo_r2 = GRPO clip 0.2/0.27 + R2 replay
-MOE, DENSE = "builtin:arith-moe", "builtin:arith-dense"
 DROP, MIN_BEST, CAP_FRAC, CAP_WINDOW = 0.5, 0.05, 0.95, 5
 RUN_STATUS = "study_run.json"  # written next to metrics.jsonl when the subprocess ends
-
-
-# ---------------------------------------------------------------------------------------------
-# The grid
-
-
-@dataclass(frozen=True)
-class RunSpec:
-    part: str  # objectives | frontier | tau_neg | tau | dense_vs_moe
-    label: str  # sapo, gspo, grpo, grpo_r2, tau_neg=0.95, tau=2, ...
-    loss_type: str
-    lr: float
-    num_minibatches: int
-    seed: int
-    model: str = MOE
-    tau_pos: float = 1.0
-    tau_neg: float = 1.05
-
-    @property
-    def name(self) -> str:
-        """Folder name from the config alone (part and label excluded): a shared config runs once."""
-        model = self.model.split(":")[-1].removeprefix("arith-")
-        return (f"{self.loss_type}_{model}_lr{self.lr:g}_mb{self.num_minibatches}"
-                f"_tp{self.tau_pos:g}_tn{self.tau_neg:g}_s{self.seed}")
-
-    def overrides(self, base: dict[str, str]) -> dict[str, str]:
-        return {**base, "loss_type": self.loss_type, "model": self.model, "lr": f"{self.lr:g}",
-                "num_minibatches": str(self.num_minibatches), "seed": str(self.seed),
-                "tau_pos": f"{self.tau_pos:g}", "tau_neg": f"{self.tau_neg:g}"}
-
-
-@dataclass
-class StudyGrid:
-    name: str
-    base: dict[str, str]  # config keys shared by every run
-    specs: list[RunSpec] = field(default_factory=list)
-
-    @property
-    def runs(self) -> list[RunSpec]:
-        """One spec per distinct folder, in grid order."""
-        seen: dict[str, RunSpec] = {}
-        for s in self.specs:
-            seen.setdefault(s.name, s)
-        return list(seen.values())
-
-
-_QUIET = {"progress": "false", "tensorboard": "false", "report": "false", "log_samples": "2", "threads": "1",
-          "keep_checkpoints": "1", "eval_greedy": "false", "eval_temperatures": "[]"}
-
-
-def _build(name: str, base: dict, *, main_lr: float, lrs: list[float], seeds: list[int], minibatches: list[int],
-           frontier_minibatches: list[int], tau_negs: list[float], taus: list[float], tau_seeds: list[int], dense_labels: list[str]) -> StudyGrid:
-    specs: list[RunSpec] = []
-    mb0 = minibatches[0]
-    for mb in minibatches:  # Pass@1 over steps per objective at each off-policy degree
-        specs += [RunSpec("objectives", o, o, main_lr, mb, s) for o in OBJECTIVES for s in seeds]
-    for mb in frontier_minibatches:  # stability frontier over the lr grid
-        specs += [RunSpec("frontier", o, o, lr, mb, s) for o in OBJECTIVES for lr in lrs for s in seeds]
-    specs += [RunSpec("tau_neg", f"tau_neg={t:g}", "sapo", main_lr, mb0, s, tau_neg=t)  # paper ablation
-              for t in tau_negs for s in seeds]
-    specs += [RunSpec("tau", f"tau={t:g}", "sapo", main_lr, mb0, s, tau_pos=t, tau_neg=t)  # wider sweep
-              for t in taus for s in tau_seeds]
-    for model in (DENSE, MOE):  # log-ratio spread and Var_i, dense vs MoE, same objective and lr
-        specs += [RunSpec("dense_vs_moe", o, o, main_lr, mb0, s, model=model) for o in dense_labels for s in seeds]
-    return StudyGrid(name, base, specs)
-
-
-def make_grid(name: str) -> StudyGrid:
-    """smoke (the test), default (~1 h sequential on 2 cores, threads=1), full (hours)."""
-    if name == "smoke":
-        base = {**_QUIET, "warmstart_steps": "20", "train_size": "200", "prompts_per_step": "4",
-                "num_generations": "4", "max_completion_length": "16", "eval_num_problems": "8",
-                "eval_num_samples": "2", "eval_pass_k": "[1,2]", "max_steps": "2", "eval_steps": "1",
-                "save_steps": "1"}
-        grid = StudyGrid(name, base)
-        grid.specs = [RunSpec(part, o, o, 1e-3, 2, 0) for part in ("objectives", "frontier")
-                      for o in ("sapo", "grpo_r2")]
-        grid.specs.append(RunSpec("dense_vs_moe", "sapo", "sapo", 1e-3, 2, 0))
-        return grid
-    common = {**_QUIET, "eval_num_problems": "200", "eval_num_samples": "4", "eval_pass_k": "[1,4]",
-              "eval_steps": "10", "save_steps": "10"}
-    if name == "default":
-        return _build(name, {**common, "max_steps": "50"}, main_lr=5e-5, lrs=[5e-5, 1e-4, 2e-4], seeds=[0, 1, 2],
-                      minibatches=[4, 8], frontier_minibatches=[4, 8], tau_negs=[0.95, 1.0, 1.05], taus=[1, 2, 5, 10], tau_seeds=[0],
-                      dense_labels=["sapo"])
-    if name == "full":
-        return _build(name, {**common, "max_steps": "150"}, main_lr=5e-5, lrs=[2e-5, 5e-5, 1e-4, 2e-4, 3e-4],
-                      seeds=[0, 1, 2], minibatches=[4, 8], frontier_minibatches=[4, 8], tau_negs=[0.95, 1.0, 1.05], taus=[1, 2, 5, 10],
-                      tau_seeds=[0, 1, 2], dense_labels=["sapo", "grpo"])
-    raise ValueError(f"grid={name!r}: choose one of smoke, default, full")
+_QUIET = QUIET
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,7 +195,9 @@ def run_study(grid: StudyGrid, out_dir: str | Path, *, jobs: int = 1, log=print)
 DIAGNOSTICS = {  # column -> metric key, averaged over a run's training steps
     "var_i": "log_ratio/seq_var_mean", "log_r_q01": "log_ratio/q01", "log_r_q99": "log_ratio/q99",
     "routing_changed": "moe/routing_changed", "gate_lt_0.5": "sapo/gate_lt_0.5_frac", "clip_frac": "clip/frac",
-    "clip_seq_frac": "clip/seq_frac", "entropy": "entropy/mean",
+    "clip_seq_frac": "clip/seq_frac", "entropy": "entropy/mean", "gate_lt_0.5_pos": "sapo/gate_lt_0.5_frac_pos",
+    "gate_lt_0.5_neg": "sapo/gate_lt_0.5_frac_neg", "cispo_capped": "cispo/capped_frac",
+    "rl_steps_behind": "async/staleness",
 }
 
 
@@ -320,11 +243,11 @@ def load_result(spec: RunSpec, base: dict, out_dir: Path) -> RunResult:
 
 
 def _config_key(s: RunSpec) -> tuple:
-    return (s.part, s.label, s.model, s.num_minibatches, s.lr, s.tau_pos, s.tau_neg)
+    return (s.part, *s.cell)
 
 
 def group_results(grid: StudyGrid, out_dir: Path) -> dict[tuple, list[RunResult]]:
-    """(part, label, model, mini-batches, lr, tau_pos, tau_neg) -> the results of its seeds."""
+    """(part, label, model, mini-batches, lr, tau_pos, tau_neg, staleness, extra keys) -> its seeds' results."""
     cache: dict[str, RunResult] = {}
     groups: dict[tuple, list[RunResult]] = {}
     for spec in grid.specs:
@@ -338,16 +261,19 @@ def _spread(values: list[float]) -> tuple[float, float, float] | None:
     return (sum(values) / len(values), min(values), max(values)) if values else None
 
 
-TABLE_COLUMNS = ["part", "label", "model", "minibatches", "lr", "tau_pos", "tau_neg", "seeds", "finished",
+TABLE_COLUMNS = ["part", "label", "model", "minibatches", "lr", "tau_pos", "tau_neg", "staleness", "extra", "seeds",
+                 "finished",
                  "collapsed", "collapse_reasons", "pass1_start", "pass1_best", "pass1_best_min", "pass1_best_max",
                  "pass1_final", "pass1_final_min", "pass1_final_max", *DIAGNOSTICS]
 
 
 def table_rows(groups: dict[tuple, list[RunResult]]) -> list[dict]:
     out = []
-    for (part, label, model, mb, lr, tau_pos, tau_neg), results in groups.items():
-        row = {"part": part, "label": label, "model": model.split(":")[-1], "minibatches": mb, "lr": lr,
-               "tau_pos": tau_pos, "tau_neg": tau_neg, "seeds": len(results),
+    for (part, *_), results in groups.items():
+        spec = results[0].spec
+        row = {"part": part, "label": spec.label, "model": spec.model.split(":")[-1], "minibatches": spec.num_minibatches,
+               "lr": spec.lr, "tau_pos": spec.tau_pos, "tau_neg": spec.tau_neg, "staleness": spec.max_staleness,
+               "extra": " ".join(f"{k}={v}" for k, v in spec.extra), "seeds": len(results),
                "finished": sum(r.status in ("done", "collapsed") for r in results),
                "collapsed": sum(r.collapse.collapsed for r in results),
                "collapse_reasons": "; ".join(f"s{r.spec.seed}: {', '.join(r.collapse.reasons)}"
@@ -435,7 +361,8 @@ def write_summary(grid: StudyGrid, out_dir: str | Path) -> Path:
             d[f"pass1_{which}"] = (f"{_fmt(row[f'pass1_{which}'])} [{_fmt(lo)}, {_fmt(hi)}]"
                                    if row[f"pass1_{which}"] is not None else "-")
         shown.append(d)
-    lines = [f"# MoE stability study: grid `{grid.name}`", "",
+    title = "Off-policy study" if grid.offpolicy else "MoE stability study"
+    lines = [f"# {title}: grid `{grid.name}`", "",
              f"{len(runs)} runs; per-run rows in runs.csv, this table in table.csv. Pass@1 = held-out avg@n; "
              "best/final: mean over seeds [min, max]. Diagnostics: mean over training steps and seeds. "
              f"Collapse: non-finite stop or value, held-out Pass@1 below {DROP:g} x its best (>= {MIN_BEST:g}) "
@@ -444,7 +371,7 @@ def write_summary(grid: StudyGrid, out_dir: str | Path) -> Path:
              "Shared: " + " ".join(f"`{k}={v}`" for k, v in grid.base.items() if k not in _QUIET), "", "## Runs", ""]
     lines += _markdown(shown, [
         ("part", "part"), ("label", "objective"), ("model", "model"), ("minibatches", "mb"), ("lr", "lr"),
-        ("seeds", "finished"), ("collapsed", "collapsed"), ("pass1_start", "Pass@1 step 0"),
+        ("staleness", "K"), ("seeds", "finished"), ("collapsed", "collapsed"), ("pass1_start", "Pass@1 step 0"),
         ("pass1_best", "best Pass@1"), ("pass1_final", "final Pass@1"), ("var_i", "Var_i"),
         ("log_r_q01", "log r q01"), ("log_r_q99", "log r q99"), ("routing_changed", "routing changed"),
         ("gate_lt_0.5", "gate<0.5"), ("clip_frac", "clip tok"), ("clip_seq_frac", "clip seq")])
@@ -465,6 +392,19 @@ def write_summary(grid: StudyGrid, out_dir: str | Path) -> Path:
     from sapo.compare_plots import write_plots
 
     images = write_plots(groups, out_dir / "plots")
+    if grid.offpolicy:
+        from sapo.compare_offpolicy import (
+            OFFPOLICY_COLUMNS,
+            offpolicy_frontier,
+            offpolicy_markdown,
+            offpolicy_rows,
+            write_offpolicy_plots,
+        )
+
+        cells = offpolicy_rows(groups)
+        _write_csv(out_dir / "offpolicy.csv", cells, OFFPOLICY_COLUMNS)
+        lines[2:2] = [*offpolicy_markdown(cells, offpolicy_frontier(cells)), ""]  # the study's answer first
+        images += write_offpolicy_plots(cells, out_dir / "plots")
     if images:
         lines += ["", "## Plots", ""] + [f"![{p.stem}](plots/{p.name})" for p in images]
     path = out_dir / "table.md"
@@ -478,19 +418,38 @@ def write_summary(grid: StudyGrid, out_dir: str | Path) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="sapo compare", description=__doc__.split("\n")[0])
-    parser.add_argument("--grid", default="default", choices=("smoke", "default", "full"))
-    parser.add_argument("--out", help="study folder (default: runs/moe-study-GRID)")
+    parser.add_argument("--grid", default=None, choices=GRIDS,
+                        help="a named grid (default: `default`, the MoE study); see docs/offpolicy_study.md")
+    parser.add_argument("--out", help="study folder (default: runs/moe-study-GRID, runs/offpolicy-GRID)")
+    axes = parser.add_argument_group("a custom grid: the product of these axes (give --objectives to use it)")
+    axes.add_argument("--objectives", help="comma-separated loss types, e.g. sapo,grpo,grpo_r2,gspo,cispo")
+    axes.add_argument("--tau", default="1", help="SAPO tau_pos values (tau_neg = 1.05 tau_pos), e.g. 1,3,9")
+    axes.add_argument("--tau-neg-ratio", type=float, default=1.05, help="tau_neg / tau_pos (default 1.05)")
+    axes.add_argument("--staleness", default="0", help="max_staleness values (RL steps), e.g. 0,2,8")
+    axes.add_argument("--lr", default="1e-4", help="learning rates, e.g. 5e-5,1e-4")
+    axes.add_argument("--minibatches", default="4", help="num_minibatches values, e.g. 4,8")
+    axes.add_argument("--seeds", default="0,1,2", help="seeds (default 0,1,2)")
+    axes.add_argument("--steps", type=int, default=50, help="RL steps per run (default 50)")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1; each uses threads=1)")
     parser.add_argument("--summary-only", action="store_true", help="rebuild the table and plots, run nothing")
     parser.add_argument("--list", action="store_true", help="print the runs of the grid and exit")
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error("--jobs must be >= 1")
-    grid = make_grid(args.grid)
-    out = Path(args.out or f"runs/moe-study-{args.grid}")
+    if args.objectives and args.grid:
+        parser.error("give either --grid or the axes of a custom grid (--objectives ...), not both")
+    try:
+        grid = (custom_grid(objectives=args.objectives, taus=args.tau, staleness=args.staleness, lrs=args.lr,
+                            minibatches=args.minibatches, seeds=args.seeds, steps=args.steps,
+                            tau_neg_ratio=args.tau_neg_ratio)
+                if args.objectives else make_grid(args.grid or "default"))
+    except ValueError as e:
+        parser.error(str(e))
+    prefix = "offpolicy-" if grid.offpolicy and not grid.name.startswith("offpolicy") else ""
+    out = Path(args.out or (f"runs/{prefix}{grid.name}" if grid.offpolicy else f"runs/moe-study-{grid.name}"))
     if args.list:
         for spec in grid.runs:
-            print(spec.name)
+            print(f"{spec.name:60s} {spec.part}: {spec.label}")
         print(f"{len(grid.runs)} runs x {grid.base['max_steps']} steps")
         return 0
     if not args.summary_only:

@@ -16,7 +16,7 @@ LAYERS = {
     "sapo.config": 3.5, "sapo.checkpoint": 3.5, "sapo.tracking": 3.5, "sapo.distributed": 3.5,
     "sapo.storage": 3.5, "sapo.runlock": 3.5, "sapo.trackers": 3.5,
     "sapo.train": 4, "sapo.training": 4, "sapo.evaluate": 4, "sapo.resume": 4,
-    "sapo.cli": 5, "sapo.report": 5, "sapo.compare": 5, "sapo.compare_plots": 5, "sapo.__main__": 5,
+    "sapo.cli": 5, "sapo.report": 5, "sapo.compare": 5, "sapo.compare_plots": 5, "sapo.compare_grids": 5, "sapo.compare_offpolicy": 5, "sapo.__main__": 5,
 }
 INTEGRATIONS_MAY_IMPORT = 1  # plug-ins for other trainers use the objectives only
 
