@@ -165,9 +165,9 @@ def run_study(grid: StudyGrid, out_dir: str | Path, *, jobs: int = 1, log=print)
 
     threads = grid.base.get("threads", "1")
     torch.set_num_threads(max(1, int(threads)))
-    for key in sorted({(c.model, c.warmstart_steps, c.warmstart_label_smoothing) for c in configs.values()}):
-        if key[0] in BUILTIN_MODELS:
-            builtin_model_path(key[0], WarmStartRecipe(steps=key[1], label_smoothing=key[2]))
+    for model, recipe in dict.fromkeys((c.model, WarmStartRecipe.from_config(c)) for c in configs.values()):
+        if model in BUILTIN_MODELS:
+            builtin_model_path(model, recipe)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": threads,
            "MKL_NUM_THREADS": threads}
     results: list[tuple[RunSpec, int | None]] = [(s, None) for s in runs if s not in todo]

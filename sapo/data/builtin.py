@@ -71,6 +71,27 @@ def worked_steps(operands: list[int], operators: list[str]) -> tuple[str, int]:
     return " ".join(steps) + f" #### {value}", value
 
 
+def sloppy_steps(operands: list[int], operators: list[str]) -> tuple[str, int]:
+    """The worked solution of a teacher who drops the minus sign of every negative result and carries on
+    with the absolute value: ("3-10=7 7*2=14 #### 14", 14) where the truth is "3-10=-7 -7*2=-14"."""
+    steps, value = [], operands[0]
+    for op, b in zip(operators, operands[1:]):
+        result = abs(_apply(value, op, b))
+        steps.append(f"{value}{op}{b}={result}")
+        value = result
+    return " ".join(steps) + f" #### {value}", value
+
+
+def has_negative_step(operands: list[int], operators: list[str]) -> bool:
+    """Whether the true worked solution has a negative result anywhere (where the sloppy teacher errs)."""
+    value = operands[0]
+    for op, b in zip(operators, operands[1:]):
+        value = _apply(value, op, b)
+        if value < 0:
+            return True
+    return False
+
+
 def parse_prompt(prompt: str) -> tuple[list[int], list[str]]:
     """Operands and operators of a built-in prompt (inverse of the generator)."""
     body = prompt.rstrip("\n")
@@ -150,6 +171,28 @@ def hard_dataset(split: str = "train", n: int = 1000, seed: int = 0) -> ExampleL
         e.meta["task"] = "builtin:arith-hard"
         out.append(e)
     return out
+
+
+NEG_MIN_ABS_ANSWER = 10  # builtin:arith-neg: answers of two digits or more
+
+
+def negative_dataset(split: str = "train", n: int = 1000, seed: int = 0) -> ExampleList:
+    """``builtin:arith-neg``: ``n`` problems of the built-in kind (1-2 operations) whose worked solution
+    has a negative result, whose answer has two digits or more, and which the sign-dropping teacher
+    (``sloppy_steps``) gets wrong. The demo task: the warm start learns from a teacher that drops the
+    minus sign in most of its worked solutions (``warmstart_teacher_sign_error``); RL, rewarded by the
+    exact answer, has to learn what the demonstrations got wrong."""
+    pool = builtin_dataset(split, 12 * n + 100, seed=seed + 2)
+    out = ExampleList(source=f"builtin:arith-neg[{split}]")
+    for e in pool:
+        operands, operators = parse_prompt(e.prompt)
+        if (has_negative_step(operands, operators) and abs(int(e.answer)) >= NEG_MIN_ABS_ANSWER
+                and sloppy_steps(operands, operators)[1] != int(e.answer)):
+            e.meta["task"] = "builtin:arith-neg"
+            out.append(e)
+            if len(out) == n:
+                return out
+    raise ValueError(f"builtin:arith-neg found only {len(out)} {split} problems of the {n} asked")
 
 
 def sample_split(split: str, n: int, rng: random.Random, d: ArithDifficulty, heldout_fraction: float,

@@ -19,7 +19,7 @@ from sapo.data.example import ExampleList
 from sapo.data.loaders import load_jsonl, load_parquet
 from sapo.data.reasoning_gym_tasks import load_reasoning_gym
 
-SPEC_FORMS = ("builtin:arith", "builtin:arith-hard", "builtin:vl-digits", "gsm8k:PATH", "math500:PATH", "aime24:PATH", "amc23:PATH",
+SPEC_FORMS = ("builtin:arith", "builtin:arith-hard", "builtin:arith-neg", "builtin:vl-digits", "gsm8k:PATH", "math500:PATH", "aime24:PATH", "amc23:PATH",
               "reasoning_gym:TASK", "PATH.jsonl", "PATH.parquet")
 
 
@@ -43,9 +43,13 @@ def load_dataset_spec(spec: str, prompt_field: str | None = None, answer_field: 
             from sapo.data.builtin import hard_dataset
 
             return hard_dataset(kwargs.pop("split", "train"), kwargs.pop("n", 1000), seed)
+        if rest == "arith-neg":
+            from sapo.data.builtin import negative_dataset
+
+            return negative_dataset(kwargs.pop("split", "train"), kwargs.pop("n", 1000), seed)
         if rest != "arith":
             raise ValueError(f"unknown built-in task {spec!r}; the built-in tasks are 'builtin:arith', "
-                             "'builtin:arith-hard', 'builtin:vl-digits'")
+                             "'builtin:arith-hard', 'builtin:arith-neg', 'builtin:vl-digits'")
         return builtin_dataset(kwargs.pop("split", "train"), kwargs.pop("n", 1000), seed, **kwargs)
     if sep and kind == "reasoning_gym":
         if not rest:

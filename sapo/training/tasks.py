@@ -34,7 +34,7 @@ class TaskData:
     skipped: dict[str, int] = field(default_factory=dict)
 
 
-BUILTIN_TASKS = ("builtin:arith", "builtin:arith-hard", "builtin:vl-digits")  # with a held-out split of their own
+BUILTIN_TASKS = ("builtin:arith", "builtin:arith-hard", "builtin:arith-neg", "builtin:vl-digits")  # with a held-out split of their own
 
 
 def _load_examples(spec: str, cfg: TrainConfig, split: str, n: int):
@@ -46,6 +46,10 @@ def _load_examples(spec: str, cfg: TrainConfig, split: str, n: int):
         from sapo.data.builtin import hard_dataset
 
         return hard_dataset(split, n, seed=cfg.seed)
+    if spec == "builtin:arith-neg":
+        from sapo.data.builtin import negative_dataset
+
+        return negative_dataset(split, n, seed=cfg.seed)
     try:
         if spec.startswith(("reasoning_gym:", "builtin:")):
             extra = {"split": split, "n": n}

@@ -38,18 +38,20 @@ class WarmStartRecipe:
     seed: int = 0
     train_size: int = 20000
     hard_fraction: float = 0.0  # share of the worked solutions drawn from builtin:arith-hard (the rest: builtin:arith)
+    teacher_sign_error: float = 0.0  # share of worked solutions with a negative result written sign-dropped
 
     @classmethod
     def from_config(cls, cfg) -> WarmStartRecipe:
         """The recipe a TrainConfig asks for (its warmstart_* keys)."""
         return cls(steps=cfg.warmstart_steps, label_smoothing=cfg.warmstart_label_smoothing,
-                   hard_fraction=cfg.warmstart_hard_fraction)
+                   hard_fraction=cfg.warmstart_hard_fraction, teacher_sign_error=cfg.warmstart_teacher_sign_error)
 
     def cache_fields(self) -> dict:
-        """The fields the cache key hashes: hard_fraction only when set, so older caches stay valid."""
+        """The fields the cache key hashes: the later fields only when set, so older caches stay valid."""
         fields = asdict(self)
-        if not fields["hard_fraction"]:
-            del fields["hard_fraction"]
+        for name in ("hard_fraction", "teacher_sign_error"):
+            if not fields[name]:
+                del fields[name]
         return fields
 
 
@@ -136,18 +138,26 @@ def builtin_sft_data(tokenizer, recipe: WarmStartRecipe, processor=None) -> tupl
         from sapo.data.visual_task import warmstart_inputs
 
         return warmstart_inputs(processor, recipe.train_size, seed=recipe.seed)
+    import random
+
     from sapo.data.builtin import builtin_dataset, hard_dataset, reference_completion
 
     n_hard = int(round(recipe.hard_fraction * recipe.train_size))
     examples = list(builtin_dataset("train", recipe.train_size - n_hard, seed=recipe.seed))
     if n_hard:  # the few worked solutions of hard problems that exist, shuffled among the easy ones
-        import random
-
         examples += list(hard_dataset("train", n_hard, seed=recipe.seed + 1))
         random.Random(recipe.seed).shuffle(examples)
     prompt_ids = [tokenizer.encode(e.prompt, add_special_tokens=False) for e in examples]
-    target_ids = [tokenizer.encode(reference_completion(e), add_special_tokens=False) + [tokenizer.eos_token_id]
-                  for e in examples]
+    completions = [reference_completion(e) for e in examples]
+    if recipe.teacher_sign_error:  # a sloppy teacher: most worked solutions with a negative result drop its sign
+        from sapo.data.builtin import has_negative_step, parse_prompt, sloppy_steps
+
+        rng = random.Random(recipe.seed + 2)
+        for i, e in enumerate(examples):
+            problem = parse_prompt(e.prompt)
+            if has_negative_step(*problem) and rng.random() < recipe.teacher_sign_error:
+                completions[i] = sloppy_steps(*problem)[0]
+    target_ids = [tokenizer.encode(c, add_special_tokens=False) + [tokenizer.eos_token_id] for c in completions]
     return prompt_ids, target_ids, None
 
 

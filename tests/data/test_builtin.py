@@ -110,3 +110,50 @@ def test_the_coverage_gap_config_validates():
     cfg = build_config(Path(__file__).resolve().parents[2] / "configs" / "arith-hard.yaml")
     assert cfg.dataset == "builtin:arith-hard" and cfg.warmstart_hard_fraction == 0.1
     assert cfg.eval_temperatures == [0.3, 0.5, 0.7, 1.0]
+
+
+def test_sloppy_teacher_drops_the_sign_and_carries_on():
+    from sapo.data.builtin import has_negative_step, sloppy_steps, worked_steps
+
+    assert sloppy_steps([3, 10, 2], ["-", "*"]) == ("3-10=7 7*2=14 #### 14", 14)
+    assert worked_steps([3, 10, 2], ["-", "*"]) == ("3-10=-7 -7*2=-14 #### -14", -14)
+    assert sloppy_steps([12, 7, 3], ["+", "*"]) == worked_steps([12, 7, 3], ["+", "*"])  # no negative: no error
+    assert has_negative_step([3, 10, 20], ["-", "+"]) and not has_negative_step([12, 7], ["-"])
+
+
+def test_negative_task_is_where_the_sloppy_teacher_is_wrong_with_two_digit_answers():
+    from sapo.data.builtin import (
+        has_negative_step,
+        negative_dataset,
+        parse_prompt,
+        sloppy_steps,
+        worked_steps,
+    )
+    from sapo.data.spec import load_dataset_spec
+
+    test, train = negative_dataset("test", 100, seed=0), negative_dataset("train", 300, seed=0)
+    for e in list(test) + list(train):
+        problem = parse_prompt(e.prompt)
+        assert has_negative_step(*problem) and abs(int(e.answer)) >= 10
+        assert worked_steps(*problem)[1] == int(e.answer) != sloppy_steps(*problem)[1]
+        assert e.meta["task"] == "builtin:arith-neg"
+    assert len({e.prompt for e in test}) == 100 and not {e.prompt for e in test} & {e.prompt for e in train}
+    assert [e.prompt for e in load_dataset_spec("builtin:arith-neg", split="test", n=100)] == [e.prompt for e in test]
+
+
+def test_warm_start_with_a_sloppy_teacher_writes_sign_dropped_solutions_at_the_asked_share():
+    from sapo.data.builtin import BUILTIN_ALPHABET, has_negative_step, parse_prompt
+    from sapo.models.char_tokenizer import build_char_tokenizer
+    from sapo.training.warmstart import WarmStartRecipe, builtin_sft_data
+
+    tok = build_char_tokenizer(BUILTIN_ALPHABET)
+    assert "teacher_sign_error" not in WarmStartRecipe().cache_fields()  # older caches stay valid
+    recipe = WarmStartRecipe(train_size=4000, teacher_sign_error=0.6)
+    prompts, targets, _ = builtin_sft_data(tok, recipe)
+    clean_prompts, clean_targets, _ = builtin_sft_data(tok, WarmStartRecipe(train_size=4000))
+    assert prompts == clean_prompts  # the same problems; only the worked solutions differ
+    negative = [i for i, p in enumerate(prompts) if has_negative_step(*parse_prompt(tok.decode(p)))]
+    wrong = [i for i in negative if targets[i] != clean_targets[i]]
+    assert all(targets[i] == clean_targets[i] for i in range(len(prompts)) if i not in set(negative))
+    assert len(negative) > 500 and 0.55 < len(wrong) / len(negative) < 0.65
+    assert all("-" not in tok.decode(targets[i]).split("####")[1] for i in wrong)
