@@ -30,22 +30,18 @@ from sapo.training.tasks import load_task
 from sapo.training.warmstart import WarmStartRecipe, builtin_sft_data, supervised_train
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("run_dir", help="output_dir of a finished `sapo train` run on a builtin:* model")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--seconds", type=float, default=0.0, help="override the SFT time budget")
-    args = parser.parse_args()
-    torch.set_num_threads(args.threads)
-
-    run = Path(args.run_dir)
+def sft_same_time(run: Path, *, threads: int = 1, seconds: float = 0.0, log=print) -> dict:
+    """Continue the warm start of the RL run `run` with supervised training for the RL run's step time and
+    evaluate it as the run was; {metric: {"warm_start", "rl", "sft"}} plus the times (also written to
+    RUN/sft_vs_rl.json)."""
+    torch.set_num_threads(threads)
     cfg = build_config(run / "config.yaml", {"output_dir": str(run), "resume": ""})
     if not cfg.model.startswith("builtin:"):
         raise SystemExit("this comparison needs a builtin:* model (its warm-start recipe is known)")
     rows = read_metrics(run)
     rl_seconds = sum(r.get("time/step", 0.0) for r in rows)
     evals = [r for r in rows if "eval/pass@1" in r]
-    budget = args.seconds or rl_seconds
+    budget = seconds or rl_seconds
 
     policy = load_policy(cfg)  # the warm-started model, from the cache
     task = load_task(cfg, policy.tokenizer, policy.processor)
@@ -63,20 +59,31 @@ def main() -> None:
     result = evaluate_items(engine, policy, task.eval, task.correctness, EvalSettings.from_config(cfg),
                             generator=torch.Generator().manual_seed(cfg.seed * 7919 + cfg.max_steps))
     start, end = evals[0], evals[-1]
-    keys = [k for k in ("eval/pass@1", "eval/greedy", "eval/pass@8") if k in start]
-    print(f"RL run: {run} ({len([r for r in rows if 'reward/mean' in r])} steps, {rl_seconds:.0f} s of steps)")
-    print(f"SFT continued: {stats['steps']} steps in {sft_seconds:.0f} s (budget {budget:.0f} s), "
-          f"final loss {stats['final_loss']:.4f}")
-    print()
-    print("| metric | warm start | RL (end) | SFT, same time | RL gain | SFT gain |")
-    print("|---|---:|---:|---:|---:|---:|")
+    keys = [k for k in start if k in end and k in result.metrics
+            and (k in ("eval/pass@1", "eval/greedy") or k.startswith(("eval/pass@", "eval/pass@1_T")))]
+    log(f"RL run: {run} ({len([r for r in rows if 'reward/mean' in r])} steps, {rl_seconds:.0f} s of steps)")
+    log(f"SFT continued: {stats['steps']} steps in {sft_seconds:.0f} s (budget {budget:.0f} s), "
+        f"final loss {stats['final_loss']:.4f}")
+    log("")
+    log("| metric | warm start | RL (end) | SFT, same time | RL gain | SFT gain |")
+    log("|---|---:|---:|---:|---:|---:|")
     out = {}
     for key in keys:
         s, r, f = start[key], end[key], result.metrics[key]
         out[key] = {"warm_start": s, "rl": r, "sft": f}
-        print(f"| {key} | {s:.3f} | {r:.3f} | {f:.3f} | {r - s:+.3f} | {f - s:+.3f} |")
-    (run / "sft_vs_rl.json").write_text(json.dumps({"rl_seconds": rl_seconds, "sft_seconds": sft_seconds,
-                                                    "sft_steps": stats["steps"], **out}, indent=1))
+        log(f"| {key} | {s:.3f} | {r:.3f} | {f:.3f} | {r - s:+.3f} | {f - s:+.3f} |")
+    summary = {"rl_seconds": rl_seconds, "sft_seconds": sft_seconds, "sft_steps": stats["steps"], **out}
+    (run / "sft_vs_rl.json").write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", help="output_dir of a finished `sapo train` run on a builtin:* model")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--seconds", type=float, default=0.0, help="override the SFT time budget")
+    args = parser.parse_args()
+    sft_same_time(Path(args.run_dir), threads=args.threads, seconds=args.seconds)
 
 
 if __name__ == "__main__":

@@ -86,9 +86,12 @@ class StudyGrid:
 
 QUIET = {"progress": "false", "tensorboard": "false", "report": "false", "log_samples": "2", "threads": "1",
          "keep_checkpoints": "1", "eval_greedy": "false", "eval_temperatures": "[]"}
-_COMMON = {**QUIET, "eval_num_problems": "200", "eval_num_samples": "4", "eval_pass_k": "[1,4]",
+# The studies' task, pinned: builtin:arith with the warm start they were measured with (the built-in
+# default task may change; these keys keep a study's runs comparable with its published table)
+STUDY_TASK = {"dataset": "builtin:arith", "warmstart_label_smoothing": "0.05", "warmstart_teacher_sign_error": "0"}
+_COMMON = {**QUIET, **STUDY_TASK, "eval_num_problems": "200", "eval_num_samples": "4", "eval_pass_k": "[1,4]",
            "eval_steps": "10", "save_steps": "10"}
-_SMOKE = {**QUIET, "warmstart_steps": "20", "train_size": "200", "prompts_per_step": "4", "num_generations": "4",
+_SMOKE = {**QUIET, **STUDY_TASK, "warmstart_steps": "20", "train_size": "200", "prompts_per_step": "4", "num_generations": "4",
           "max_completion_length": "16", "eval_num_problems": "8", "eval_num_samples": "2", "eval_pass_k": "[1,2]",
           "max_steps": "2", "eval_steps": "1", "save_steps": "1"}
 
