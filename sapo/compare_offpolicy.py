@@ -112,8 +112,9 @@ def offpolicy_markdown(rows: list[dict], frontier: list[dict]) -> list[str]:
              "| objective | tau | staleness | lr | final Pass@1 mean [min, max] | collapsed |", "|---|---|---|---|---|---|"]
     for r in rows:
         objective = r["objective"] + (f" ({r['extra']})" if r["extra"] else "")
+        pending = "" if r["finished"] == r["seeds"] else f" ({r['finished']} finished)"
         lines.append(f"| {objective} | {r['tau']} | staleness={r['staleness']} | {r['lr']:.0e} | "
-                     f"{_cell(r, 'pass1_final')} | {r['collapsed']}/{r['seeds']} |")
+                     f"{_cell(r, 'pass1_final')} | {r['collapsed']}/{r['seeds']}{pending} |")
     lines += ["", "What the gate and the clips did (means over training steps and seeds): share of tokens with "
               "SAPO gate w < 0.5 for A > 0 and A <= 0, GRPO-type clipped tokens (CISPO: capped weights), GSPO clipped sequences, "
               "share of tokens whose truncated IS weight hit its cap (GRPO-R2).", "",
