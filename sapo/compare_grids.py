@@ -88,7 +88,8 @@ QUIET = {"progress": "false", "tensorboard": "false", "report": "false", "log_sa
          "keep_checkpoints": "1", "eval_greedy": "false", "eval_temperatures": "[]"}
 # The studies' task, pinned: builtin:arith with the warm start they were measured with (the built-in
 # default task may change; these keys keep a study's runs comparable with its published table)
-STUDY_TASK = {"dataset": "builtin:arith", "warmstart_label_smoothing": "0.05", "warmstart_teacher_sign_error": "0"}
+STUDY_TASK = {"dataset": "builtin:arith", "warmstart_steps": "500", "warmstart_label_smoothing": "0.05",
+              "warmstart_teacher_sign_error": "0"}
 _COMMON = {**QUIET, **STUDY_TASK, "eval_num_problems": "200", "eval_num_samples": "4", "eval_pass_k": "[1,4]",
            "eval_steps": "10", "save_steps": "10"}
 _SMOKE = {**QUIET, **STUDY_TASK, "warmstart_steps": "20", "train_size": "200", "prompts_per_step": "4", "num_generations": "4",

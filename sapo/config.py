@@ -82,7 +82,7 @@ class TrainConfig:
         "during generation (engine=torch)", ("none", "R2", "R3"), group="model",
     )
     warmstart_steps: int = _opt(
-        500, "supervised warm-start steps for builtin:* models (the starting policy; cached per value)",
+        1000, "supervised warm-start steps for builtin:* models (the starting policy; cached per value)",
         group="model",
     )
     warmstart_hard_fraction: float = _opt(
@@ -91,12 +91,12 @@ class TrainConfig:
         group="model",
     )
     warmstart_teacher_sign_error: float = _opt(
-        0.0, "share of the built-in warm start's worked solutions with a negative result in which the teacher "
+        0.6, "share of the built-in warm start's worked solutions with a negative result in which the teacher "
         "drops the minus sign (and carries on with the absolute value): demonstrations that are mostly wrong "
         "where builtin:arith-neg asks", group="model",
     )
     warmstart_label_smoothing: float = _opt(
-        0.05, "label smoothing of the built-in warm start's cross-entropy", group="model",
+        0.0, "label smoothing of the built-in warm start's cross-entropy", group="model",
     )
     fused_loss_head: bool = _opt(
         True, "token-level objectives: compute the lm_head gradient inside the chunked forward "
@@ -106,7 +106,7 @@ class TrainConfig:
 
     # ---- data -----------------------------------------------------------------------------
     dataset: str = _opt(
-        "builtin:arith",
+        "builtin:arith-neg",
         "training prompts: builtin:arith, builtin:arith-hard (3 operations, answers of 2+ digits), builtin:arith-neg (a negative result on the way, answers of 2+ digits), builtin:vl-digits (image prompts), gsm8k:PATH, math500:PATH, aime24:PATH, amc23:PATH, "
         "reasoning_gym:TASK, or a .jsonl/.parquet path (see prompt_field/answer_field)",
         group="data",

@@ -182,10 +182,10 @@ def run_eval(cfg) -> dict[str, float]:
     from sapo.config import ConfigError
     from sapo.rollout import make_engine
     from sapo.training.policy import load_policy
-    from sapo.training.tasks import load_task
+    from sapo.training.tasks import BUILTIN_TASKS, load_task
 
-    specs = [s for s in (cfg.eval_dataset or (cfg.dataset if cfg.dataset in ("builtin:arith", "builtin:arith-hard") else "")).split(",")
-             if s]
+    own_split = cfg.dataset in BUILTIN_TASKS and cfg.dataset != "builtin:vl-digits"  # text tasks with a held-out split
+    specs = [s for s in (cfg.eval_dataset or (cfg.dataset if own_split else "")).split(",") if s]
     if not specs:
         raise ConfigError("sapo eval needs eval_dataset=... (e.g. math500:../shared/data/math500/test.jsonl)")
     policy = load_policy(cfg)

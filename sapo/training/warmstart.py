@@ -14,7 +14,7 @@ import math
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -172,6 +172,8 @@ def builtin_model_path(name: str, recipe: WarmStartRecipe | None = None, *, verb
         raise ValueError(f"unknown built-in model {name!r}; choose one of {', '.join(BUILTIN_MODELS)}")
     recipe = recipe or WarmStartRecipe()
     arch = BUILTIN_MODELS[name]
+    if arch.startswith("qwen3_vl"):  # the arithmetic demonstrations' knobs do not apply to the image task
+        recipe = replace(recipe, hard_fraction=0.0, teacher_sign_error=0.0)
     key = hashlib.sha256(json.dumps({"name": name, "alphabet": BUILTIN_ALPHABET, **recipe.cache_fields()},
                                     sort_keys=True).encode()).hexdigest()[:12]
     folder = cache_root() / f"{name.split(':', 1)[1]}-{key}"
