@@ -51,6 +51,7 @@ def seed_row(run: Path) -> dict:
     if sft_file.exists():
         sft = json.loads(sft_file.read_text())
         row["sft"] = {k: v["sft"] for k, v in sft.items() if isinstance(v, dict)}
+        row["sft_steps"], row["sft_seconds"] = sft["sft_steps"], sft["sft_seconds"]
     return row
 
 
@@ -67,11 +68,11 @@ def table(rows: dict[int, dict]) -> list[str]:
         return "-" if None in p else f"{p[0]:.3f} -> {p[1]:.3f} ({p[1] - p[0]:+.3f})"
 
     lines = ["| seed | greedy | Pass@1 T = 1 | Pass@1 at the warm start's best T | pass@8 | SFT same time: greedy / T = 1 "
-             "| targets |", "|---|---|---|---|---|---|---|"]
+             "(steps, s) | targets |", "|---|---|---|---|---|---|---|"]
     for seed, row in rows.items():
         sft = row.get("sft", {})
-        sft_text = (f"{sft['eval/greedy']:.3f} / {sft.get('eval/pass@1_T1', sft.get('eval/pass@1')):.3f}"
-                    if "eval/greedy" in sft else "-")
+        sft_text = (f"{sft['eval/greedy']:.3f} / {sft.get('eval/pass@1_T1', sft.get('eval/pass@1')):.3f} "
+                    f"({row['sft_steps']}, {row['sft_seconds']:.0f})" if "eval/greedy" in sft else "-")
         ok = checks(row)
         verdict = "all met" if ok and all(ok.values()) else ", ".join(f"{k} missed" for k, v in ok.items() if not v)
         lines.append(f"| {seed} | {pair(row['greedy'])} | {pair(row['t1'])} | {pair(row['best_t'])} "
@@ -84,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--out", default="runs/demo-seeds")
     parser.add_argument("--no-sft", action="store_true", help="skip the SFT comparison")
+    parser.add_argument("--sft-seconds", type=float, default=0.0,
+                        help="SFT time budget (default: each RL run's own step time; give the idle machine's RL "
+                        "time when the RL runs shared the machine)")
     parser.add_argument("--sft-threads", type=int, default=0, help="torch threads for SFT (0: torch's default, "
                         "as the default run's threads=0)")
     parser.add_argument("overrides", nargs="*", help="key=value given to every `sapo train` (after --)")
@@ -103,7 +107,7 @@ def main(argv: list[str] | None = None) -> int:
             import torch
             from sft_vs_rl import sft_same_time
 
-            sft_same_time(run, threads=args.sft_threads or torch.get_num_threads())
+            sft_same_time(run, threads=args.sft_threads or torch.get_num_threads(), seconds=args.sft_seconds)
         rows[seed] = seed_row(run)
     print()
     print("\n".join(table(rows)))
