@@ -157,3 +157,18 @@ def test_warm_start_with_a_sloppy_teacher_writes_sign_dropped_solutions_at_the_a
     assert all(targets[i] == clean_targets[i] for i in range(len(prompts)) if i not in set(negative))
     assert len(negative) > 500 and 0.55 < len(wrong) / len(negative) < 0.65
     assert all("-" not in tok.decode(targets[i]).split("####")[1] for i in wrong)
+
+
+def test_the_default_is_the_sloppy_teacher_task_and_the_easy_task_keeps_its_recipe():
+    from pathlib import Path
+
+    from sapo.config import build_config
+    from sapo.training.warmstart import WarmStartRecipe
+
+    default = build_config()
+    assert default.dataset == "builtin:arith-neg" and default.warmstart_teacher_sign_error == 0.6
+    assert WarmStartRecipe.from_config(default) == WarmStartRecipe(steps=1000, label_smoothing=0.0,
+                                                                   teacher_sign_error=0.6)
+    easy = build_config(Path(__file__).resolve().parents[2] / "configs" / "arith-easy.yaml")
+    assert easy.dataset == "builtin:arith"
+    assert WarmStartRecipe.from_config(easy) == WarmStartRecipe(steps=500, label_smoothing=0.05)  # the old cache key
