@@ -188,7 +188,7 @@ def make_grid(name: str) -> StudyGrid:
     if name == "offpolicy-smoke":  # the test: two objectives, K = 0 and 2, one seed, tiny everything
         return _offpolicy(name, {**_SMOKE, "max_steps": "3"}, seeds=[0], frontier={},
                           staleness={"sapo:9": [0, 2], "grpo_r2": [2]}, ratios=[], ratio_staleness=[], mb=2)
-    if name == "offpolicy":  # ~108 runs x 50 steps: about 75 min with --jobs 2 on 2 free cores
+    if name == "offpolicy":  # ~108 runs x 50 steps: about 60 min with --jobs 2 on 2 free cores (measured: 98 min with other jobs running)
         core = ["sapo:1", "sapo:9", "grpo", "grpo_r2", "gspo"]
         return _offpolicy(name, {**_COMMON, "max_steps": "50"}, seeds=[0, 1, 2],
                           frontier={**{r: [1e-4, 2e-4] for r in core}, "sapo:3": [1e-4, 2e-4],
