@@ -43,7 +43,6 @@ from sapo.tracking import read_metrics
 
 DROP, MIN_BEST, CAP_FRAC, CAP_WINDOW = 0.5, 0.05, 0.95, 5
 RUN_STATUS = "study_run.json"  # written next to metrics.jsonl when the subprocess ends
-_QUIET = QUIET
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,7 +196,7 @@ DIAGNOSTICS = {  # column -> metric key, averaged over a run's training steps
     "routing_changed": "moe/routing_changed", "gate_lt_0.5": "sapo/gate_lt_0.5_frac", "clip_frac": "clip/frac",
     "clip_seq_frac": "clip/seq_frac", "entropy": "entropy/mean", "gate_lt_0.5_pos": "sapo/gate_lt_0.5_frac_pos",
     "gate_lt_0.5_neg": "sapo/gate_lt_0.5_frac_neg", "cispo_capped": "cispo/capped_frac",
-    "rl_steps_behind": "async/staleness",
+    "is_truncated": "is/truncated_frac", "rl_steps_behind": "async/staleness",
 }
 
 
@@ -368,7 +367,7 @@ def write_summary(grid: StudyGrid, out_dir: str | Path) -> Path:
              f"Collapse: non-finite stop or value, held-out Pass@1 below {DROP:g} x its best (>= {MIN_BEST:g}) "
              f"after the best, or mean length >= {CAP_FRAC:g} x the cap for {CAP_WINDOW} steps "
              "(docs/moe_study.md).", "",
-             "Shared: " + " ".join(f"`{k}={v}`" for k, v in grid.base.items() if k not in _QUIET), "", "## Runs", ""]
+             "Shared: " + " ".join(f"`{k}={v}`" for k, v in grid.base.items() if k not in QUIET), "", "## Runs", ""]
     lines += _markdown(shown, [
         ("part", "part"), ("label", "objective"), ("model", "model"), ("minibatches", "mb"), ("lr", "lr"),
         ("staleness", "K"), ("seeds", "finished"), ("collapsed", "collapsed"), ("pass1_start", "Pass@1 step 0"),

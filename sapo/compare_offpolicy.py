@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from sapo.compare import RunResult, _fmt, _num, _spread
+from sapo.compare import RunResult, _fmt, _spread
 from sapo.compare_grids import TAU_NEG_RATIO, WORKING_LR
 
 OFFPOLICY_COLUMNS = ["objective", "tau", "staleness", "lr", "extra", "seeds", "finished", "collapsed", "pass1_start",
@@ -58,15 +58,12 @@ def offpolicy_rows(groups: dict[tuple, list[RunResult]]) -> list[dict]:
         row["pass1_start"] = start[0] if start else None
         row["pass1_final"], row["pass1_final_min"], row["pass1_final_max"] = final or (None, None, None)
         row["pass1_best"] = best[0] if best else None
-        for column, key in (("gate_lt_0.5_pos", "gate_lt_0.5_pos"), ("gate_lt_0.5_neg", "gate_lt_0.5_neg"),
-                            ("clip_frac", "clip_frac"), ("clip_seq_frac", "clip_seq_frac")):
+        for key in ("gate_lt_0.5_pos", "gate_lt_0.5_neg", "clip_frac", "clip_seq_frac", "cispo_capped", "is_truncated"):
             spread = _spread([r.diagnostics[key] for r in results if key in r.diagnostics])
-            row[column] = spread[0] if spread else None
+            row[key] = spread[0] if spread else None
+        capped = row.pop("cispo_capped")
         if row["clip_frac"] is None:  # CISPO caps its weights instead of clipping: the same column
-            capped = _spread([r.diagnostics["cispo_capped"] for r in results if "cispo_capped" in r.diagnostics])
-            row["clip_frac"] = capped[0] if capped else None
-        truncated = _spread([m for r in results if (m := _mean_metric(r, "is/truncated_frac")) is not None])
-        row["is_truncated"] = truncated[0] if truncated else None
+            row["clip_frac"] = capped
         row["runs"] = results
         out.append(row)
     return out
@@ -149,6 +146,8 @@ def write_offpolicy_plots(rows: list[dict], plots: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from sapo.compare_plots import save_figure
+
     plots.mkdir(parents=True, exist_ok=True)
     at_lr = [r for r in rows if math.isclose(r["lr"], WORKING_LR) and not r["extra"]]
     by_label: dict[str, list[dict]] = {}
@@ -175,10 +174,7 @@ def write_offpolicy_plots(rows: list[dict], plots: Path) -> list[Path]:
         ax.set_title(f"Pass@1 against staleness at lr {WORKING_LR:.0e} (x: a seed collapsed)", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(plots / "staleness.png", dpi=110)
-        plt.close(fig)
-        saved.append(plots / "staleness.png")
+        save_figure(fig, plots, "staleness", saved)
     sapo_rows = {label: sorted(v, key=lambda r: r["staleness"]) for label, v in by_label.items()
                  if v[0]["objective"] == "sapo" and len(v) > 1}
     if sapo_rows:
@@ -192,13 +188,5 @@ def write_offpolicy_plots(rows: list[dict], plots: Path) -> list[Path]:
             ax.set_yscale("symlog", linthresh=1e-4)
             ax.grid(alpha=0.3)
             ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(plots / "gate_vs_staleness.png", dpi=110)
-        plt.close(fig)
-        saved.append(plots / "gate_vs_staleness.png")
+        save_figure(fig, plots, "gate_vs_staleness", saved)
     return saved
-
-
-def _mean_metric(result: RunResult, key: str) -> float | None:
-    values = [v for row in result.rows if (v := _num(row.get(key))) is not None and math.isfinite(v)]
-    return sum(values) / len(values) if values else None

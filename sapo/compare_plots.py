@@ -38,6 +38,16 @@ def _panel_curves(ax, curves: dict[str, list[RunResult]], title: str, key: str |
     ax.legend(fontsize=7)
 
 
+def save_figure(fig, plots: Path, stem: str, saved: list[Path]) -> None:
+    """plots/STEM.png at the studies' resolution; the figure is closed and its path appended to `saved`."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(plots / f"{stem}.png", dpi=110)
+    plt.close(fig)
+    saved.append(plots / f"{stem}.png")
+
+
 def write_plots(groups: dict[tuple, list[RunResult]], plots: Path) -> list[Path]:
     import matplotlib
 
@@ -48,10 +58,7 @@ def write_plots(groups: dict[tuple, list[RunResult]], plots: Path) -> list[Path]
     saved: list[Path] = []
 
     def save(fig, stem: str) -> None:
-        fig.tight_layout()
-        fig.savefig(plots / f"{stem}.png", dpi=110)
-        plt.close(fig)
-        saved.append(plots / f"{stem}.png")
+        save_figure(fig, plots, stem, saved)
 
     def select(part: str) -> dict[tuple, list[RunResult]]:
         return {k: v for k, v in groups.items() if k[0] == part}
