@@ -61,25 +61,21 @@ def _expression(operands: list[int], operators: list[str]) -> str:
     return expr
 
 
-def worked_steps(operands: list[int], operators: list[str]) -> tuple[str, int]:
-    """("12+7=19 19*3=57 #### 57", 57) for operands [12, 7, 3] and operators ["+", "*"]."""
+def worked_steps(operands: list[int], operators: list[str], *, drop_signs: bool = False) -> tuple[str, int]:
+    """("12+7=19 19*3=57 #### 57", 57) for operands [12, 7, 3] and operators ["+", "*"]. drop_signs: the
+    sloppy teacher, who writes every negative result without its sign and carries on with that value."""
     steps, value = [], operands[0]
     for op, b in zip(operators, operands[1:]):
         result = _apply(value, op, b)
+        result = abs(result) if drop_signs else result
         steps.append(f"{value}{op}{b}={result}")
         value = result
     return " ".join(steps) + f" #### {value}", value
 
 
 def sloppy_steps(operands: list[int], operators: list[str]) -> tuple[str, int]:
-    """The worked solution of a teacher who drops the minus sign of every negative result and carries on
-    with the absolute value: ("3-10=7 7*2=14 #### 14", 14) where the truth is "3-10=-7 -7*2=-14"."""
-    steps, value = [], operands[0]
-    for op, b in zip(operators, operands[1:]):
-        result = abs(_apply(value, op, b))
-        steps.append(f"{value}{op}{b}={result}")
-        value = result
-    return " ".join(steps) + f" #### {value}", value
+    """("3-10=7 7*2=14 #### 14", 14) where the truth is "3-10=-7 -7*2=-14": worked_steps(drop_signs=True)."""
+    return worked_steps(operands, operators, drop_signs=True)
 
 
 def has_negative_step(operands: list[int], operators: list[str]) -> bool:

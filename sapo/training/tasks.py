@@ -42,14 +42,6 @@ def _load_examples(spec: str, cfg: TrainConfig, split: str, n: int):
 
     if spec == "builtin:arith":
         return builtin_dataset(split, n, seed=cfg.seed)
-    if spec == "builtin:arith-hard":
-        from sapo.data.builtin import hard_dataset
-
-        return hard_dataset(split, n, seed=cfg.seed)
-    if spec == "builtin:arith-neg":
-        from sapo.data.builtin import negative_dataset
-
-        return negative_dataset(split, n, seed=cfg.seed)
     try:
         if spec.startswith(("reasoning_gym:", "builtin:")):
             extra = {"split": split, "n": n}
