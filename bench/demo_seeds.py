@@ -36,7 +36,8 @@ def seed_row(run: Path) -> dict:
     """Step-0 and final figures of one RL run (and its SFT comparison when present)."""
     from sapo.tracking import read_metrics
 
-    evals = [r for r in read_metrics(run) if "eval/pass@1" in r]
+    rows = read_metrics(run)
+    evals = [r for r in rows if "eval/pass@1" in r]
     start, end = evals[0], evals[-1]
     temps = sorted((k for k in start if k.startswith("eval/pass@1_T") and k in end),
                    key=lambda k: float(k.removeprefix("eval/pass@1_T")))
@@ -46,7 +47,7 @@ def seed_row(run: Path) -> dict:
            "t1": (start[t1], end[t1]), "best_t": (start[best_key], end[best_key]),
            "best_t_name": best_key.removeprefix("eval/pass@1_T"),
            "pass8": (start.get("eval/pass@8"), end.get("eval/pass@8")),
-           "seconds": sum(r.get("time/step", 0.0) for r in read_metrics(run))}
+           "seconds": sum(r.get("time/step", 0.0) for r in rows)}
     sft_file = run / "sft_vs_rl.json"
     if sft_file.exists():
         sft = json.loads(sft_file.read_text())
