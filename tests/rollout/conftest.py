@@ -90,6 +90,42 @@ def run(engine, prompts, eos, greedy=True, seed=None, max_new_tokens=12, **optio
                                                    greedy=greedy, generator=generator, **options))
 
 
+def assert_logprobs_close(a_rows, b_rows):
+    """Per-row sampler log-probs of two engines agree to 1e-5."""
+    for a, b in zip(a_rows, b_rows):
+        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0)
+
+
+def assert_greedy_lean_matches_references(model, prompts):
+    """Greedy decoding on the lean path gives the HF-forward path's and HF generate's tokens and stops, and
+    the HF-forward path's log-probs; returns the lean batch for the caller's own checks."""
+    from sapo.rollout import HFEngine, TorchEngine
+
+    eos = stopping_eos(model, prompts)
+    engine = TorchEngine(model)
+    lean = run(engine, prompts, eos)
+    assert engine.last_path == "lean"
+    old, ref = run(TorchEngine(model, lean=False), prompts, eos), run(HFEngine(model), prompts, eos)
+    assert lean.completion_ids == old.completion_ids == ref.completion_ids
+    assert lean.truncated == old.truncated == ref.truncated
+    assert_logprobs_close(lean.sampler_logprobs, old.sampler_logprobs)
+    return lean
+
+
+def assert_sampled_lean_matches_hf_forward(model, prompts, options):
+    """Sampling with one seed: the lean path draws the HF-forward path's tokens, with its log-probs, which
+    equal teacher forcing."""
+    from sapo.rollout import TorchEngine
+
+    eos = stopping_eos(model, prompts)
+    lean = run(TorchEngine(model), prompts, eos, greedy=False, seed=5, **options)
+    old = run(TorchEngine(model, lean=False), prompts, eos, greedy=False, seed=5, **options)
+    assert lean.completion_ids == old.completion_ids and lean.truncated == old.truncated
+    assert_logprobs_close(lean.sampler_logprobs, old.sampler_logprobs)
+    expected, got = teacher_forced_logprobs(model, lean, temperature=options.get("temperature", 1.0))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+
+
 def stopping_eos(model, prompts):
     """Two EOS ids the model emits mid-decode (greedy, HF forward), so rows stop at different steps."""
     from sapo.rollout import TorchEngine

@@ -8,6 +8,9 @@ from sapo.rollout import HFEngine, TorchEngine, lean_decoder
 from sapo.rollout.lean_decoder import lean_unsupported
 from tests.rollout.conftest import (
     UNUSED_EOS,
+    assert_greedy_lean_matches_references,
+    assert_logprobs_close,
+    assert_sampled_lean_matches_hf_forward,
     run,
     stopping_eos,
     teacher_forced_logprobs,
@@ -37,33 +40,15 @@ def prompts():
     return [torch.randint(1, 64, (n,), generator=g).tolist() for n in [3, 7, 5, 1, 6]]
 
 
-def assert_logprobs_close(a_rows, b_rows):
-    for a, b in zip(a_rows, b_rows):
-        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0)
-
-
 def test_greedy_matches_hf_generate_and_the_hf_forward_path(model, prompts):
     assert lean_unsupported(model, total_len=40) is None
-    eos = stopping_eos(model, prompts)
-    engine = TorchEngine(model)
-    lean = run(engine, prompts, eos)
-    assert engine.last_path == "lean"
-    old, ref = run(TorchEngine(model, lean=False), prompts, eos), run(HFEngine(model), prompts, eos)
-    assert lean.completion_ids == old.completion_ids == ref.completion_ids
-    assert lean.truncated == old.truncated == ref.truncated
+    lean = assert_greedy_lean_matches_references(model, prompts)
     assert len({len(c) for c in lean.completion_ids}) > 1  # rows left the batch at different steps
-    assert_logprobs_close(lean.sampler_logprobs, old.sampler_logprobs)
 
 
 @pytest.mark.parametrize("options", [{"temperature": 0.7, "top_k": 20}, {"top_p": 0.9}])
 def test_sampled_tokens_equal_the_hf_forward_path_and_teacher_forcing(model, prompts, options):
-    eos = stopping_eos(model, prompts)
-    lean = run(TorchEngine(model), prompts, eos, greedy=False, seed=5, **options)
-    old = run(TorchEngine(model, lean=False), prompts, eos, greedy=False, seed=5, **options)
-    assert lean.completion_ids == old.completion_ids and lean.truncated == old.truncated
-    assert_logprobs_close(lean.sampler_logprobs, old.sampler_logprobs)
-    expected, got = teacher_forced_logprobs(model, lean, temperature=options.get("temperature", 1.0))
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert_sampled_lean_matches_hf_forward(model, prompts, options)
 
 
 LAYOUTS = {"unfused": (0, None), "packed": (None, 0), "unfused+packed": (0, 0)}  # FUSE_/PACK_ thresholds

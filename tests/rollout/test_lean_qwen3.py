@@ -12,9 +12,10 @@ from sapo.rollout.lean_decoder import lean_unsupported
 from tests.rollout.conftest import (
     UNUSED_EOS,
     VOCAB,
+    assert_greedy_lean_matches_references,
+    assert_sampled_lean_matches_hf_forward,
     run,
     stopping_eos,
-    teacher_forced_logprobs,
     tiny_qwen3,
     tiny_qwen3_moe,
     tiny_qwen3_vl,
@@ -22,29 +23,14 @@ from tests.rollout.conftest import (
 
 
 def test_greedy_matches_hf_generate_and_the_hf_forward_path(model, prompts):
-    eos = stopping_eos(model, prompts)
-    engine = TorchEngine(model)
-    lean = run(engine, prompts, eos)
-    assert engine.last_path == "lean"
-    old, ref = run(TorchEngine(model, lean=False), prompts, eos), run(HFEngine(model), prompts, eos)
-    assert lean.completion_ids == old.completion_ids == ref.completion_ids
-    assert lean.truncated == old.truncated == ref.truncated
+    lean = assert_greedy_lean_matches_references(model, prompts)
     lengths = sorted(len(c) for c in lean.completion_ids)
     assert lengths[0] < lengths[-1] and any(lean.truncated) and not all(lean.truncated)
-    for a, b in zip(lean.sampler_logprobs, old.sampler_logprobs):
-        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0)
 
 
 @pytest.mark.parametrize("options", [{}, {"temperature": 0.7, "top_k": 20}, {"top_p": 0.9}])
 def test_sampled_tokens_equal_the_hf_forward_path_with_the_same_seed(model, prompts, options):
-    eos = stopping_eos(model, prompts)
-    lean = run(TorchEngine(model), prompts, eos, greedy=False, seed=5, **options)
-    old = run(TorchEngine(model, lean=False), prompts, eos, greedy=False, seed=5, **options)
-    assert lean.completion_ids == old.completion_ids and lean.truncated == old.truncated
-    for a, b in zip(lean.sampler_logprobs, old.sampler_logprobs):
-        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0)
-    expected, got = teacher_forced_logprobs(model, lean, temperature=options.get("temperature", 1.0))
-    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert_sampled_lean_matches_hf_forward(model, prompts, options)
 
 
 def test_weights_are_read_live_not_copied(prompts):

@@ -6,6 +6,7 @@ from sapo.rollout import HFEngine, SamplingParams, TorchEngine, make_engine
 from sapo.rollout.torch_engine import PreallocatedLayer, make_kv_cache
 from tests.rollout.conftest import (
     VOCAB,
+    assert_logprobs_close,
     image_prompt_rows,
     teacher_forced_logprobs,
     tiny_qwen3,
@@ -31,8 +32,7 @@ def test_greedy_matches_hf_generate_with_eos_stopping(model, prompts):
     assert ours.truncated[1] is False and any(ours.truncated)  # some rows stopped early, some did not
     for row, truncated in zip(ours.completion_ids, ours.truncated):
         assert (eos not in row) == truncated and (eos not in row[:-1])
-    for a, b in zip(ours.sampler_logprobs, ref.sampler_logprobs):
-        torch.testing.assert_close(torch.tensor(a), torch.tensor(b), atol=1e-5, rtol=0)
+    assert_logprobs_close(ours.sampler_logprobs, ref.sampler_logprobs)
 
 
 @pytest.mark.parametrize("cache", ["static", "dynamic"])
