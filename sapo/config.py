@@ -93,7 +93,7 @@ class TrainConfig:
     warmstart_teacher_sign_error: float = _opt(
         0.6, "share of the built-in warm start's worked solutions with a negative result in which the teacher "
         "drops the minus sign (and carries on with the absolute value): demonstrations that are mostly wrong "
-        "where builtin:arith-neg asks", group="model",
+        "where builtin:arith-neg (and, for the VL models, builtin:vl-digits-neg) asks", group="model",
     )
     warmstart_label_smoothing: float = _opt(
         0.0, "label smoothing of the built-in warm start's cross-entropy", group="model",
@@ -107,7 +107,7 @@ class TrainConfig:
     # ---- data -----------------------------------------------------------------------------
     dataset: str = _opt(
         "builtin:arith-neg",
-        "training prompts: builtin:arith, builtin:arith-hard (3 operations, answers of 2+ digits), builtin:arith-neg (a negative result on the way, answers of 2+ digits), builtin:vl-digits (image prompts), gsm8k:PATH, math500:PATH, aime24:PATH, amc23:PATH, "
+        "training prompts: builtin:arith, builtin:arith-hard (3 operations, answers of 2+ digits), builtin:arith-neg (a negative result on the way, answers of 2+ digits), builtin:vl-digits (image prompts), builtin:vl-digits-neg (image subtractions with a negative result), gsm8k:PATH, math500:PATH, aime24:PATH, amc23:PATH, "
         "reasoning_gym:TASK, or a .jsonl/.parquet path (see prompt_field/answer_field)",
         group="data",
     )

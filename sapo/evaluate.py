@@ -184,7 +184,7 @@ def run_eval(cfg) -> dict[str, float]:
     from sapo.training.policy import load_policy
     from sapo.training.tasks import BUILTIN_TASKS, load_task
 
-    own_split = cfg.dataset in BUILTIN_TASKS and cfg.dataset != "builtin:vl-digits"  # text tasks with a held-out split
+    own_split = cfg.dataset in BUILTIN_TASKS and not cfg.dataset.startswith("builtin:vl-")  # text tasks with a held-out split
     specs = [s for s in (cfg.eval_dataset or (cfg.dataset if own_split else "")).split(",") if s]
     if not specs:
         raise ConfigError("sapo eval needs eval_dataset=... (e.g. math500:../shared/data/math500/test.jsonl)")

@@ -192,10 +192,11 @@ def negative_dataset(split: str = "train", n: int = 1000, seed: int = 0) -> Exam
 
 
 def sample_split(split: str, n: int, rng: random.Random, d: ArithDifficulty, heldout_fraction: float,
-                 examples: ExampleList, build, *, too_few: str) -> ExampleList:
+                 examples: ExampleList, build, *, too_few: str, keep=None) -> ExampleList:
     """Draw problems until `examples` holds n of `split`: the split is a hash of the prompt
     ("<expression>=\n"), and the test split holds distinct problems. `build(operands, operators)` makes
-    each accepted example (it may draw from rng); `too_few` is the error, with {found} filled in."""
+    each accepted example (it may draw from rng); `keep(operands, operators)`, if given, filters the
+    draws; `too_few` is the error, with {found} filled in."""
     seen: set[str] = set()
     attempts, max_attempts = 0, 200 * n + 1000
     while len(examples) < n:
@@ -204,7 +205,7 @@ def sample_split(split: str, n: int, rng: random.Random, d: ArithDifficulty, hel
             raise ValueError(too_few.format(found=len(examples)))
         operands, operators = _sample(rng, d)
         prompt = _expression(operands, operators) + "=\n"
-        if heldout_split(prompt, heldout_fraction) != split:
+        if heldout_split(prompt, heldout_fraction) != split or (keep is not None and not keep(operands, operators)):
             continue
         if split == "test":
             if prompt in seen:

@@ -4,6 +4,7 @@
 |-------------------------------|--------------------------------------------------------------|
 | ``builtin:arith``             | the built-in arithmetic task (kwargs: split, n, seed, difficulty) |
 | ``builtin:vl-digits``         | the built-in visual task: the expression is in an image (same kwargs) |
+| ``builtin:arith-hard``, ``builtin:arith-neg``, ``builtin:vl-digits-neg`` | the coverage-gap tasks (split, n, seed) |
 | ``gsm8k:PATH``, ``math500:PATH``, ``aime24:PATH``, ``amc23:PATH`` | a benchmark file; PATH may be empty for its file under ``default_data_dir()`` |
 | ``reasoning_gym:TASK``        | a reasoning-gym generator (kwargs: n, seed, split, task config) |
 | ``PATH.jsonl`` / ``PATH.parquet`` (or ``jsonl:PATH`` / ``parquet:PATH``) | a file with prompt_field / answer_field |
@@ -19,8 +20,9 @@ from sapo.data.example import ExampleList
 from sapo.data.loaders import load_jsonl, load_parquet
 from sapo.data.reasoning_gym_tasks import load_reasoning_gym
 
-SPEC_FORMS = ("builtin:arith", "builtin:arith-hard", "builtin:arith-neg", "builtin:vl-digits", "gsm8k:PATH", "math500:PATH", "aime24:PATH", "amc23:PATH",
-              "reasoning_gym:TASK", "PATH.jsonl", "PATH.parquet")
+SPEC_FORMS = ("builtin:arith", "builtin:arith-hard", "builtin:arith-neg", "builtin:vl-digits", "builtin:vl-digits-neg",
+              "gsm8k:PATH", "math500:PATH", "aime24:PATH", "amc23:PATH", "reasoning_gym:TASK", "PATH.jsonl",
+              "PATH.parquet")
 
 
 def _file_kwargs(kwargs: dict) -> dict:
@@ -39,6 +41,10 @@ def load_dataset_spec(spec: str, prompt_field: str | None = None, answer_field: 
             from sapo.data.visual_task import visual_dataset
 
             return visual_dataset(kwargs.pop("split", "train"), kwargs.pop("n", 1000), seed, **kwargs)
+        if rest == "vl-digits-neg":
+            from sapo.data.visual_task import negative_visual_dataset
+
+            return negative_visual_dataset(kwargs.pop("split", "train"), kwargs.pop("n", 1000), seed)
         if rest == "arith-hard":
             from sapo.data.builtin import hard_dataset
 
@@ -49,7 +55,7 @@ def load_dataset_spec(spec: str, prompt_field: str | None = None, answer_field: 
             return negative_dataset(kwargs.pop("split", "train"), kwargs.pop("n", 1000), seed)
         if rest != "arith":
             raise ValueError(f"unknown built-in task {spec!r}; the built-in tasks are 'builtin:arith', "
-                             "'builtin:arith-hard', 'builtin:arith-neg', 'builtin:vl-digits'")
+                             "'builtin:arith-hard', 'builtin:arith-neg', 'builtin:vl-digits', 'builtin:vl-digits-neg'")
         return builtin_dataset(kwargs.pop("split", "train"), kwargs.pop("n", 1000), seed, **kwargs)
     if sep and kind == "reasoning_gym":
         if not rest:

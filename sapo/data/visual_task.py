@@ -13,6 +13,12 @@ the worked completion and the answer are the text task's:
 Splits: a problem is held out when the text task holds out the same expression ("12+7=\\n",
 ``heldout_split``), so the two built-in tasks share their split; the test split has distinct
 expressions (218 exist), the train split samples i.i.d. with a fresh drawing each time.
+
+``builtin:vl-digits-neg`` is the demo task with a coverage gap, the image counterpart of
+``builtin:arith-neg``: the subtractions whose result is negative ("3-12", answer "-9"; 42 distinct
+held-out problems). The warm start learns from a sloppy teacher who drops the minus sign in most of
+those worked solutions (``warmstart_teacher_sign_error``); RL, rewarded by the exact answer, has to
+learn the sign the demonstrations left out.
 """
 
 from __future__ import annotations
@@ -21,10 +27,13 @@ import io
 import random
 from functools import lru_cache
 
-from sapo.data.builtin import BUILTIN_ALPHABET, ArithDifficulty, _expression, sample_split, worked_steps
+from sapo.data.builtin import (BUILTIN_ALPHABET, ArithDifficulty, _expression, has_negative_step, sample_split,
+                               worked_steps)
 from sapo.data.example import Example, ExampleList
 
 VL_DIGITS = "builtin:vl-digits"
+VL_DIGITS_NEG = "builtin:vl-digits-neg"
+VL_TASKS = (VL_DIGITS, VL_DIGITS_NEG)  # the built-in tasks whose prompts are images
 VL_ALPHABET = BUILTIN_ALPHABET  # text characters of prompts and completions
 CELL = 32  # pixels per character cell = one image token (16-pixel patches, 2x2 merge)
 JITTER = 1  # a character moves up to this many pixels from its cell centre
@@ -60,13 +69,15 @@ def render_expression(expression: str, rng: random.Random) -> bytes:
     return buffer.getvalue()
 
 
-def make_visual_example(operands: list[int], operators: list[str], split: str, rng: random.Random) -> Example:
+def make_visual_example(operands: list[int], operators: list[str], split: str, rng: random.Random,
+                        task: str = VL_DIGITS) -> Example:
     expression = _expression(operands, operators)
     completion, answer = worked_steps(operands, operators)
     return Example(
         prompt="=\n", answer=str(answer), images=[render_expression(expression, rng)],
-        meta={"task": VL_DIGITS, "split": split, "expression": expression, "reference": completion,
-              "answer_format": "####", "instruction": ""},
+        meta={"task": task, "split": split, "expression": expression, "reference": completion,
+              "sloppy_reference": worked_steps(operands, operators, drop_signs=True)[0],
+              "negative_step": has_negative_step(operands, operators), "answer_format": "####", "instruction": ""},
     )
 
 
@@ -94,21 +105,48 @@ def visual_dataset(split: str = "train", n: int = 1000, seed: int = 0, *, heldou
     )
 
 
-def warmstart_inputs(processor, n: int, seed: int = 0) -> tuple[list[list[int]], list[list[int]], list]:
-    """(prompt ids, target ids ending in EOS, visual inputs) of n training problems, for a supervised warm start."""
+def negative_visual_dataset(split: str = "train", n: int = 1000, seed: int = 0, *,
+                            heldout_fraction: float = 0.2) -> ExampleList:
+    """``builtin:vl-digits-neg``: ``n`` image subtractions with a negative result ("3-12"), deterministic in
+    (split, n, seed); the split is builtin:vl-digits' (42 distinct test problems exist)."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
+    rng = random.Random(seed + 2)
+    return sample_split(
+        split, n, rng, ArithDifficulty(min_ops=1, max_ops=1, operators="-"), heldout_fraction,
+        ExampleList(source=f"{VL_DIGITS_NEG}[{split}]"),
+        lambda operands, operators: make_visual_example(operands, operators, split, rng, task=VL_DIGITS_NEG),
+        too_few=f"{VL_DIGITS_NEG} found only {{found}} distinct {split} problems of the {n} asked; its test split "
+                "has 42 (set eval_num_problems to 42 or fewer)",
+        keep=has_negative_step,
+    )
+
+
+def warmstart_inputs(processor, n: int, seed: int = 0, *,
+                     teacher_sign_error: float = 0.0) -> tuple[list[list[int]], list[list[int]], list]:
+    """(prompt ids, target ids ending in EOS, visual inputs) of n training problems, for a supervised warm
+    start. teacher_sign_error: the share of worked solutions with a negative result that the sloppy teacher
+    writes without their sign (builtin:vl-digits-neg's demonstrations; the text task's rule)."""
     from sapo.data.multimodal import encode_multimodal
     from sapo.data.templates import build_prompt
 
     tokenizer = processor.tokenizer
+    sloppy = random.Random(seed + 2)
     prompt_ids, target_ids, extra = [], [], []
     for example in visual_dataset("train", n, seed):
         ids, visual = encode_multimodal(example, build_prompt(example, tokenizer), processor)
         prompt_ids.append(ids)
         extra.append(visual)
-        target = tokenizer.encode(visual_reference_completion(example), add_special_tokens=False)
+        completion = visual_reference_completion(example)
+        if teacher_sign_error and example.meta["negative_step"] and sloppy.random() < teacher_sign_error:
+            completion = example.meta["sloppy_reference"]
+        target = tokenizer.encode(completion, add_special_tokens=False)
         target_ids.append(target + [tokenizer.eos_token_id])
     return prompt_ids, target_ids, extra
 
 
-__all__ = ["CELL", "VL_ALPHABET", "VL_DIGITS", "make_visual_example", "render_expression", "visual_dataset",
-           "visual_reference_completion", "warmstart_inputs"]
+__all__ = ["CELL", "VL_ALPHABET", "VL_DIGITS", "VL_DIGITS_NEG", "VL_TASKS", "make_visual_example",
+           "negative_visual_dataset", "render_expression", "visual_dataset", "visual_reference_completion",
+           "warmstart_inputs"]

@@ -34,7 +34,8 @@ class TaskData:
     skipped: dict[str, int] = field(default_factory=dict)
 
 
-BUILTIN_TASKS = ("builtin:arith", "builtin:arith-hard", "builtin:arith-neg", "builtin:vl-digits")  # with a held-out split of their own
+BUILTIN_TASKS = ("builtin:arith", "builtin:arith-hard", "builtin:arith-neg", "builtin:vl-digits",  # with a held-out
+                 "builtin:vl-digits-neg")                                                        # split of their own
 
 
 def _load_examples(spec: str, cfg: TrainConfig, split: str, n: int):

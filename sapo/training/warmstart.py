@@ -38,7 +38,7 @@ class WarmStartRecipe:
     seed: int = 0
     train_size: int = 20000
     hard_fraction: float = 0.0  # share of the worked solutions drawn from builtin:arith-hard (the rest: builtin:arith)
-    teacher_sign_error: float = 0.0  # share of worked solutions with a negative result written sign-dropped
+    teacher_sign_error: float = 0.0  # share of worked solutions with a negative result written sign-dropped (text or image)
 
     @classmethod
     def from_config(cls, cfg) -> WarmStartRecipe:
@@ -137,7 +137,7 @@ def builtin_sft_data(tokenizer, recipe: WarmStartRecipe, processor=None) -> tupl
     if processor is not None:
         from sapo.data.visual_task import warmstart_inputs
 
-        return warmstart_inputs(processor, recipe.train_size, seed=recipe.seed)
+        return warmstart_inputs(processor, recipe.train_size, seed=recipe.seed, teacher_sign_error=recipe.teacher_sign_error)
     import random
 
     from sapo.data.builtin import builtin_dataset, hard_dataset, reference_completion
@@ -172,8 +172,8 @@ def builtin_model_path(name: str, recipe: WarmStartRecipe | None = None, *, verb
         raise ValueError(f"unknown built-in model {name!r}; choose one of {', '.join(BUILTIN_MODELS)}")
     recipe = recipe or WarmStartRecipe()
     arch = BUILTIN_MODELS[name]
-    if arch.startswith("qwen3_vl"):  # the arithmetic demonstrations' knobs do not apply to the image task
-        recipe = replace(recipe, hard_fraction=0.0, teacher_sign_error=0.0)
+    if arch.startswith("qwen3_vl"):  # the image task has no hard problems (the sloppy teacher applies to it)
+        recipe = replace(recipe, hard_fraction=0.0)
     key = hashlib.sha256(json.dumps({"name": name, "alphabet": BUILTIN_ALPHABET, **recipe.cache_fields()},
                                     sort_keys=True).encode()).hexdigest()[:12]
     folder = cache_root() / f"{name.split(':', 1)[1]}-{key}"
