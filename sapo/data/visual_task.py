@@ -27,8 +27,14 @@ import io
 import random
 from functools import lru_cache
 
-from sapo.data.builtin import (BUILTIN_ALPHABET, ArithDifficulty, _expression, has_negative_step, sample_split,
-                               worked_steps)
+from sapo.data.builtin import (
+    BUILTIN_ALPHABET,
+    ArithDifficulty,
+    _expression,
+    has_negative_step,
+    sample_split,
+    worked_steps,
+)
 from sapo.data.example import Example, ExampleList
 
 VL_DIGITS = "builtin:vl-digits"
