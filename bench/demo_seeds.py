@@ -7,8 +7,13 @@ at the warm start's best temperature (of `eval_temperatures`) and pass@8, at ste
 the SFT column, and whether each of the demo's targets holds (greedy +10 points, Pass@1 at T = 1 +20,
 best-T +10 over the warm start's best, RL ahead of SFT on greedy). A finished seed is not run again.
 
+`--also-eval SPEC` evaluates the warm start and the final policy on another held-out set as well (greedy,
+Pass@1 at T = 1): whether RL kept the rest of the task while it learnt the part the demo measures.
+
     python bench/demo_seeds.py                         # seeds 0 1 2 into runs/demo-seeds/
     python bench/demo_seeds.py --seeds 0 -- max_steps=60
+    python bench/demo_seeds.py --out runs/vl-seeds --sft-threads 1 --also-eval builtin:vl-digits \
+        -- --config configs/vl-digits.yaml
 """
 
 from __future__ import annotations
@@ -56,6 +61,30 @@ def seed_row(run: Path) -> dict:
     return row
 
 
+def also_eval(run: Path, spec: str, num_problems: int = 200) -> dict:
+    """Greedy and Pass@1 (T = 1, 4 samples) of the warm start and of the final policy on `spec`'s held-out
+    problems (written to RUN/also_eval.json; reused when it names the same spec)."""
+    from sapo.config import build_config
+    from sapo.evaluate import run_eval
+
+    out_file = run / "also_eval.json"
+    if out_file.exists() and json.loads(out_file.read_text()).get("spec") == spec:
+        return json.loads(out_file.read_text())
+    out = {"spec": spec}
+    for name, model in (("warm_start", None), ("rl", str(run / "final_model"))):
+        overrides = {"output_dir": str(run), "resume": "", "eval_dataset": spec, "dataset": spec,
+                     "eval_num_problems": str(num_problems), "eval_num_samples": "4", "eval_pass_k": "[1]",
+                     "eval_temperatures": "[]", "eval_temperature": "1.0", "progress": "false"}
+        if model:
+            overrides["model"] = model
+        metrics = run_eval(build_config(run / "config.yaml", overrides))
+        prefix = "eval/" + spec.split(":", 1)[0]
+        out[name] = {"greedy": metrics[f"{prefix}/greedy"], "pass@1": metrics[f"{prefix}/pass@1"],
+                     "num_problems": metrics[f"{prefix}/num_problems"]}
+    out_file.write_text(json.dumps(out, indent=1))
+    return out
+
+
 def checks(row: dict) -> dict[str, bool]:
     out = {name: (row[name][1] - row[name][0]) >= goal - 1e-9
            for name, goal in TARGETS.items() if None not in row[name]}
@@ -68,8 +97,10 @@ def table(rows: dict[int, dict]) -> list[str]:
     def pair(p):
         return "-" if None in p else f"{p[0]:.3f} -> {p[1]:.3f} ({p[1] - p[0]:+.3f})"
 
+    also = next((row["also"]["spec"] for row in rows.values() if "also" in row), None)
     lines = ["| seed | greedy | Pass@1 T = 1 | Pass@1 at the warm start's best T | pass@8 | SFT same time: greedy / T = 1 "
-             "(steps, s) | targets |", "|---|---|---|---|---|---|---|"]
+             "(steps, s) | targets |" + (f" {also}: greedy / Pass@1 T = 1 |" if also else ""),
+             "|---|---|---|---|---|---|---|" + ("---|" if also else "")]
     for seed, row in rows.items():
         sft = row.get("sft", {})
         sft_text = (f"{sft['eval/greedy']:.3f} / {sft.get('eval/pass@1_T1', sft.get('eval/pass@1')):.3f} "
@@ -77,8 +108,17 @@ def table(rows: dict[int, dict]) -> list[str]:
         ok = checks(row)
         verdict = "all met" if ok and all(ok.values()) else ", ".join(f"{k} missed" for k, v in ok.items() if not v)
         lines.append(f"| {seed} | {pair(row['greedy'])} | {pair(row['t1'])} | {pair(row['best_t'])} "
-                     f"(T = {row['best_t_name']}) | {pair(row['pass8'])} | {sft_text} | {verdict} |")
+                     f"(T = {row['best_t_name']}) | {pair(row['pass8'])} | {sft_text} | {verdict} |"
+                     + (f" {_also_text(row.get('also'))} |" if also else ""))
     return lines
+
+
+def _also_text(also: dict | None) -> str:
+    if not also:
+        return "-"
+    a, b = also["warm_start"], also["rl"]
+    return (f"{a['greedy']:.3f} -> {b['greedy']:.3f} ({b['greedy'] - a['greedy']:+.3f}) / "
+            f"{a['pass@1']:.3f} -> {b['pass@1']:.3f} ({int(a['num_problems'])} problems)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -91,6 +131,9 @@ def main(argv: list[str] | None = None) -> int:
                         "time when the RL runs shared the machine)")
     parser.add_argument("--sft-threads", type=int, default=0, help="torch threads for SFT (0: torch's default, "
                         "as the default run's threads=0)")
+    parser.add_argument("--also-eval", default="", metavar="SPEC",
+                        help="also evaluate the warm start and the final policy on SPEC's held-out problems "
+                        "(e.g. builtin:vl-digits: the whole task, beside the part the demo measures)")
     parser.add_argument("overrides", nargs="*", help="key=value given to every `sapo train` (after --)")
     args = parser.parse_args(argv)
     out = Path(args.out)
@@ -110,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
 
             sft_same_time(run, threads=args.sft_threads or torch.get_num_threads(), seconds=args.sft_seconds)
         rows[seed] = seed_row(run)
+        if args.also_eval:
+            rows[seed]["also"] = also_eval(run, args.also_eval)
     print()
     print("\n".join(table(rows)))
     (out / "table.md").write_text("\n".join(table(rows)) + "\n")

@@ -212,14 +212,14 @@ def run_eval(cfg) -> dict[str, float]:
         table.append((name, result.metrics))
     ks = [int(k) for k in cfg.eval_pass_k if int(k) != 1]
     temps = settings.temperatures
-    header = ("| benchmark | problems | Pass@1 (avg@n) | " + " | ".join(f"pass@{k}" for k in ks) + " | greedy |"
+    header = ("| benchmark | problems | Pass@1 (avg@n) |" + "".join(f" pass@{k} |" for k in ks) + " greedy |"
               + "".join(f" Pass@1 T={t:g} |" for t in temps))
     print(header)
     print("|---|---:|---:|" + "---:|" * len(ks) + "---:|" + "---:|" * len(temps))
     for name, m in table:
         p = f"eval/{name}"
-        cells = " | ".join(f"{m.get(f'{p}/pass@{k}', float('nan')):.3f}" for k in ks)
-        print(f"| {name} | {int(m[f'{p}/num_problems'])} | {m[f'{p}/pass@1']:.3f} | {cells} | "
+        cells = "".join(f" {m.get(f'{p}/pass@{k}', float('nan')):.3f} |" for k in ks)
+        print(f"| {name} | {int(m[f'{p}/num_problems'])} | {m[f'{p}/pass@1']:.3f} |{cells} "
               f"{m.get(f'{p}/greedy', float('nan')):.3f} |"
               + "".join(f" {m[temperature_key(p, t)]:.3f} |" for t in temps))
     return all_metrics
