@@ -180,11 +180,12 @@ def temperature_sweep(engine, policy, items, correctness, settings: EvalSettings
 def run_eval(cfg) -> dict[str, float]:
     """`sapo eval`: evaluate cfg.model on cfg.eval_dataset (comma-separated for several benchmarks)."""
     from sapo.config import ConfigError
+    from sapo.data.visual_task import VL_TASKS
     from sapo.rollout import make_engine
     from sapo.training.policy import load_policy
     from sapo.training.tasks import BUILTIN_TASKS, load_task
 
-    own_split = cfg.dataset in BUILTIN_TASKS and not cfg.dataset.startswith("builtin:vl-")  # text tasks with a held-out split
+    own_split = cfg.dataset in BUILTIN_TASKS and cfg.dataset not in VL_TASKS  # text tasks with a held-out split
     specs = [s for s in (cfg.eval_dataset or (cfg.dataset if own_split else "")).split(",") if s]
     if not specs:
         raise ConfigError("sapo eval needs eval_dataset=... (e.g. math500:../shared/data/math500/test.jsonl)")

@@ -14,11 +14,11 @@ Splits: a problem is held out when the text task holds out the same expression (
 ``heldout_split``), so the two built-in tasks share their split; the test split has distinct
 expressions (218 exist), the train split samples i.i.d. with a fresh drawing each time.
 
-``builtin:vl-digits-neg`` is the demo task with a coverage gap, the image counterpart of
+``builtin:vl-digits-neg`` is where the VL demo has its coverage gap, the image counterpart of
 ``builtin:arith-neg``: the subtractions whose result is negative ("3-12", answer "-9"; 42 distinct
 held-out problems). The warm start learns from a sloppy teacher who drops the minus sign in most of
-those worked solutions (``warmstart_teacher_sign_error``); RL, rewarded by the exact answer, has to
-learn the sign the demonstrations left out.
+those worked solutions (``warmstart_teacher_sign_error``); RL, trained on the whole task and rewarded by
+the exact answer, is measured on these, where it has to learn the sign the demonstrations left out.
 """
 
 from __future__ import annotations
