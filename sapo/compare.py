@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from sapo.checkpoint import EXIT_NONFINITE
@@ -429,6 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     axes.add_argument("--minibatches", default="4", help="num_minibatches values, e.g. 4,8")
     axes.add_argument("--seeds", default="0,1,2", help="seeds (default 0,1,2)")
     axes.add_argument("--steps", type=int, default=50, help="RL steps per run (default 50)")
+    parser.add_argument("--part", help="only these parts of the grid (comma-separated, as --list names them), e.g. "
+                        "--grid offpolicy-full --part norm_lr_scale=1")
     parser.add_argument("--jobs", type=int, default=1, help="runs at a time (default 1; each uses threads=1)")
     parser.add_argument("--summary-only", action="store_true", help="rebuild the table and plots, run nothing")
     parser.add_argument("--list", action="store_true", help="print the runs of the grid and exit")
@@ -444,6 +446,12 @@ def main(argv: list[str] | None = None) -> int:
                 if args.objectives else make_grid(args.grid or "default"))
     except ValueError as e:
         parser.error(str(e))
+    if args.part:
+        parts = [p.strip() for p in args.part.split(",") if p.strip()]
+        known = list(dict.fromkeys(spec.part for spec in grid.specs))
+        if not parts or set(parts) - set(known):
+            parser.error(f"--part {args.part!r}: grid {grid.name!r} has the parts {', '.join(known)}")
+        grid = replace(grid, specs=[spec for spec in grid.specs if spec.part in parts])
     prefix = "offpolicy-" if grid.offpolicy and not grid.name.startswith("offpolicy") else ""
     out = Path(args.out or (f"runs/{prefix}{grid.name}" if grid.offpolicy else f"runs/moe-study-{grid.name}"))
     if args.list:

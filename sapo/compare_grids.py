@@ -81,7 +81,7 @@ class StudyGrid:
 
     @property
     def offpolicy(self) -> bool:
-        return any(s.part in ("staleness", "tau_ratio", "custom") for s in self.specs)
+        return any(s.part in ("staleness", "tau_ratio", "custom", "norm_lr_scale=1") for s in self.specs)
 
 
 QUIET = {"progress": "false", "tensorboard": "false", "report": "false", "log_samples": "2", "threads": "1",
