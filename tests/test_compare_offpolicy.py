@@ -94,6 +94,16 @@ def test_cli_lists_a_custom_grid_and_rejects_bad_axes(capsys):
         compare_main(["--grid", "offpolicy", "--objectives", "sapo", "--list"])
 
 
+def test_cli_part_keeps_only_the_named_parts_of_a_grid(capsys):
+    assert compare_main(["--grid", "offpolicy-full", "--part", "norm_lr_scale=1", "--list"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == "45 runs x 50 steps"  # 5 rows x K in {0, 2, 8} x 3 seeds
+    assert all(line.split()[1] == "norm_lr_scale=1:" and "_nls1_" in line for line in lines[:-1])
+    with pytest.raises(SystemExit) as e:
+        compare_main(["--grid", "offpolicy", "--part", "frontier,nope", "--list"])
+    assert e.value.code == 2 and "has the parts frontier, staleness, tau_ratio" in capsys.readouterr().err
+
+
 # -- the summary, from synthetic runs --------------------------------------------------------------
 
 
