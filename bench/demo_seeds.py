@@ -68,8 +68,9 @@ def also_eval(run: Path, spec: str, num_problems: int = 200) -> dict:
     from sapo.evaluate import run_eval
 
     out_file = run / "also_eval.json"
-    if out_file.exists() and json.loads(out_file.read_text()).get("spec") == spec:
-        return json.loads(out_file.read_text())
+    saved = json.loads(out_file.read_text()) if out_file.exists() else {}
+    if saved.get("spec") == spec:
+        return saved
     out = {"spec": spec}
     for name, model in (("warm_start", None), ("rl", str(run / "final_model"))):
         overrides = {"output_dir": str(run), "resume": "", "eval_dataset": spec, "dataset": spec,

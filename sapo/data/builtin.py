@@ -131,10 +131,6 @@ def builtin_dataset(split: str = "train", n: int = 1000, seed: int = 0, *, heldo
 
     ``difficulty`` takes the fields of ``ArithDifficulty`` (min_ops, max_ops, operand_min,
     operand_max, mul_operand_max, operators)."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
     if not 0.0 < heldout_fraction < 1.0:
         raise ValueError(f"heldout_fraction must be in (0, 1), got {heldout_fraction}")
     known = {f.name for f in fields(ArithDifficulty)}
@@ -197,6 +193,10 @@ def sample_split(split: str, n: int, rng: random.Random, d: ArithDifficulty, hel
     ("<expression>=\n"), and the test split holds distinct problems. `build(operands, operators)` makes
     each accepted example (it may draw from rng); `keep(operands, operators)`, if given, filters the
     draws; `too_few` is the error, with {found} filled in."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    if n < 0:
+        raise ValueError(f"n must be >= 0, got {n}")
     seen: set[str] = set()
     attempts, max_attempts = 0, 200 * n + 1000
     while len(examples) < n:

@@ -43,7 +43,6 @@ VL_TASKS = (VL_DIGITS, VL_DIGITS_NEG)  # the built-in tasks whose prompts are im
 VL_ALPHABET = BUILTIN_ALPHABET  # text characters of prompts and completions
 CELL = 32  # pixels per character cell = one image token (16-pixel patches, 2x2 merge)
 JITTER = 1  # a character moves up to this many pixels from its cell centre
-SPLITS = ("train", "test")
 
 
 @lru_cache(maxsize=1)
@@ -97,10 +96,6 @@ def visual_dataset(split: str = "train", n: int = 1000, seed: int = 0, *, heldou
     """``n`` image problems of one split, deterministic in (split, n, seed, difficulty).
 
     ``difficulty``: the fields of ``ArithDifficulty`` (default one operation, operands 0..20)."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
     d = ArithDifficulty(**{"min_ops": 1, "max_ops": 1, **difficulty})
     rng = random.Random(seed)
     return sample_split(
@@ -115,10 +110,6 @@ def negative_visual_dataset(split: str = "train", n: int = 1000, seed: int = 0, 
                             heldout_fraction: float = 0.2) -> ExampleList:
     """``builtin:vl-digits-neg``: ``n`` image subtractions with a negative result ("3-12"), deterministic in
     (split, n, seed); the split is builtin:vl-digits' (42 distinct test problems exist)."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    if n < 0:
-        raise ValueError(f"n must be >= 0, got {n}")
     rng = random.Random(seed + 2)
     return sample_split(
         split, n, rng, ArithDifficulty(min_ops=1, max_ops=1, operators="-"), heldout_fraction,

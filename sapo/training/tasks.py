@@ -11,6 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sapo.config import ConfigError, TrainConfig
+from sapo.data.visual_task import VL_TASKS
 from sapo.rewards import RewardRunner, math_reward
 
 # every reward function failed on this many batches in a row (or on all batches so far): stop the run
@@ -34,8 +35,7 @@ class TaskData:
     skipped: dict[str, int] = field(default_factory=dict)
 
 
-BUILTIN_TASKS = ("builtin:arith", "builtin:arith-hard", "builtin:arith-neg", "builtin:vl-digits",  # with a held-out
-                 "builtin:vl-digits-neg")                                                        # split of their own
+BUILTIN_TASKS = ("builtin:arith", "builtin:arith-hard", "builtin:arith-neg", *VL_TASKS)  # with a held-out split of their own
 
 
 def _load_examples(spec: str, cfg: TrainConfig, split: str, n: int):
